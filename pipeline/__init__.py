@@ -1,0 +1,25 @@
+"""gemma3-fp8-pipeline: Gemma-3-12b-it (FP8-dynamic) over image datasets on Ray Data, and online.
+
+The facade is lazy: importing it loads the config model only; vLLM, torch and Ray's LLM stack load
+inside the functions that need them.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .config import ConfigError, PipelineConfig
+
+__all__ = ["PipelineConfig", "ConfigError", "build_caption_dataset", "run_caption", "output_schema"]
+
+_LAZY = {
+    "build_caption_dataset": "pipeline.batch",
+    "run_caption": "pipeline.batch",
+    "output_schema": "pipeline.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

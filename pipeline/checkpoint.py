@@ -1,0 +1,139 @@
+"""Read a checkpoint's small config files and tell its quantization scheme, before any GPU is taken.
+
+A job that would load the wrong checkpoint (bf16 where FP8 was meant, or an FP8 one whose vision tower
+was quantized, which gives NaN image logits: NOTES §4) fails here, on the driver, with a message that
+says what the checkpoint holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import StorageSection
+from .storage import is_s3, make_s3_client, split_s3
+
+logger = logging.getLogger(__name__)
+
+# Modules that must stay in bf16 for Gemma 3: quantizing them breaks image understanding or costs
+# accuracy for little memory.
+KEEP_BF16_PROBES = {
+    "lm_head": "lm_head",
+    "vision tower": "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+    "multimodal projector": "multi_modal_projector.mm_input_projection",
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used as configured."""
+
+
+@dataclass
+class CheckpointInfo:
+    source: str
+    scheme: str                      # "fp8-dynamic", "none", or another method's name
+    architecture: Optional[str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "scheme": self.scheme, "architecture": self.architecture,
+                **self.details}
+
+
+def read_checkpoint_file(source: str, name: str, storage: StorageSection) -> Optional[bytes]:
+    """One small file of a checkpoint from a local dir, an s3:// prefix or the Hugging Face hub."""
+    if is_s3(source):
+        from botocore.exceptions import ClientError
+
+        bucket, prefix = split_s3(source.rstrip("/") + "/" + name)
+        try:
+            return make_s3_client(storage).get_object(Bucket=bucket, Key=prefix)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return path.read_bytes() if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(source, name)).read_bytes()
+        except EntryNotFoundError:
+            return None
+    except ImportError as exc:  # huggingface_hub always comes with vLLM; this is for lean installs
+        raise CheckpointError(f"{source} is neither a local directory nor s3://, and huggingface_hub "
+                              "is not installed to fetch it") from exc
+
+
+def inspect_checkpoint(source: str, storage: StorageSection) -> CheckpointInfo:
+    raw = read_checkpoint_file(source, "config.json", storage)
+    if raw is None:
+        raise CheckpointError(f"{source}: no config.json; is this a Hugging Face checkpoint directory?")
+    config = json.loads(raw)
+    architectures = config.get("architectures") or [None]
+    quant = config.get("quantization_config")
+    if not quant:
+        return CheckpointInfo(source, "none", architectures[0], {"dtype": config.get("torch_dtype") or config.get("dtype")})
+    method = quant.get("quant_method", "unknown")
+    if method != "compressed-tensors":
+        return CheckpointInfo(source, method, architectures[0], {"quant_method": method})
+    return CheckpointInfo(source, _compressed_tensors_scheme(source, quant), architectures[0],
+                          {"quant_method": method, "ignore": quant.get("ignore", []),
+                           "format": quant.get("format")})
+
+
+def _compressed_tensors_scheme(source: str, quant: dict[str, Any]) -> str:
+    groups = quant.get("config_groups") or {}
+    schemes = set()
+    for group in groups.values():
+        weights = group.get("weights") or {}
+        inputs = group.get("input_activations") or {}
+        fp8_weights = (weights.get("type") == "float" and weights.get("num_bits") == 8
+                       and weights.get("strategy") == "channel" and weights.get("symmetric", True)
+                       and not weights.get("dynamic", False))
+        fp8_dynamic_inputs = (inputs.get("type") == "float" and inputs.get("num_bits") == 8
+                              and inputs.get("strategy") == "token" and inputs.get("dynamic") is True)
+        if fp8_weights and fp8_dynamic_inputs:
+            schemes.add("fp8-dynamic")
+        else:
+            schemes.add("compressed-tensors:" + "/".join(
+                str(x) for x in (weights.get("type"), weights.get("num_bits"), weights.get("strategy"),
+                                 inputs.get("strategy") if inputs else "weight-only")))
+    if len(schemes) != 1:
+        return "compressed-tensors:mixed" if schemes else "compressed-tensors:empty"
+    return schemes.pop()
+
+
+def is_ignored(module: str, ignore: list[str]) -> bool:
+    """compressed-tensors' ignore semantics: `re:` patterns match the module name, others by name or suffix."""
+    for entry in ignore:
+        if entry.startswith("re:"):
+            if re.match(entry[3:], module):
+                return True
+        elif module == entry or module.endswith("." + entry):
+            return True
+    return False
+
+
+def check_checkpoint(info: CheckpointInfo, expected: str) -> None:
+    """Raise CheckpointError unless the checkpoint carries the scheme the config asks for."""
+    if expected != "any" and info.scheme != expected:
+        raise CheckpointError(
+            f"{info.source} holds scheme {info.scheme!r} but model.quantization is {expected!r}; "
+            "point model.source at the right checkpoint or set model.quantization "
+            "(fp8-dynamic, none, any)")
+    if info.scheme == "fp8-dynamic":
+        ignore = info.details.get("ignore", [])
+        quantized = [label for label, probe in KEEP_BF16_PROBES.items() if not is_ignored(probe, ignore)]
+        if quantized:
+            raise CheckpointError(
+                f"{info.source} quantizes the {', '.join(quantized)} (ignore list: {ignore}); Gemma 3 "
+                "needs them in bf16 (a quantized vision tower gives NaN image logits). Requantize with "
+                "jobs.quantize, which ignores them by regex.")

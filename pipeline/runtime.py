@@ -1,0 +1,24 @@
+"""Joining Ray: the process-wide state a job needs, set in one place and logged."""
+from __future__ import annotations
+
+import logging
+
+from .config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(config: PipelineConfig) -> None:
+    """Join the configured cluster, or start an embedded local Ray when none is configured."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime = config.runtime
+    env = {"env_vars": dict(runtime.env_vars)} if runtime.env_vars else None
+    if runtime.ray_address:
+        logger.info("joining Ray cluster at %s", runtime.ray_address)
+        ray.init(address=runtime.ray_address, runtime_env=env, log_to_driver=True)
+    else:
+        logger.info("starting embedded local Ray (num_cpus=%s)", runtime.local_num_cpus or "auto")
+        ray.init(num_cpus=runtime.local_num_cpus, include_dashboard=False, runtime_env=env)

@@ -1,0 +1,135 @@
+"""The batch job end to end: real vLLM (CPU build) engine, real local Ray, real S3 server process.
+
+24 good records (8 as bytes, 8 as local paths, 8 as s3:// URIs) and one record of each bad kind the
+contract names are read from S3 in two parquet files; the output is written back to S3 and read again.
+"""
+import io
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import StorageSection
+from pipeline.storage import make_filesystem
+from pipeline.testing.sample_data import sample_images
+from tests.conftest import TINY_CPU_CONFIG, run_job
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_uri", pa.string()),
+                    ("prompt", pa.string()), ("note", pa.string()), ("batch_no", pa.int32())])
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_records(tmp_path, s3_client):
+    """(records, expected error kind by id or note) with every source and every bad kind."""
+    good, images_dir = [], tmp_path / "images"
+    images_dir.mkdir()
+    for index, sample in enumerate(sample_images(24)):
+        record = {"id": f"good-{index:02d}", "image": None, "image_uri": None, "note": sample.name,
+                  "prompt": "Describe the image." if index % 2 else None, "batch_no": index}
+        if index % 3 == 0:
+            record["image"] = sample.data
+        elif index % 3 == 1:
+            path = images_dir / sample.name
+            path.write_bytes(sample.data)
+            record["image_uri"] = str(path)
+        else:
+            s3_client.put_object(Bucket="data", Key=f"images/{sample.name}", Body=sample.data)
+            record["image_uri"] = f"s3://data/images/{sample.name}"
+        good.append(record)
+    jpeg = next(s.data for s in sample_images(24) if s.name.endswith(".jpg"))
+    bad = [
+        ("bad-truncated", {"image": jpeg[: len(jpeg) // 3]}, "corrupt_image"),
+        ("bad-not-image", {"image": b"%PDF-1.4 this is a document, not a picture" * 5}, "not_an_image"),
+        ("bad-empty", {"image": b""}, "empty_image"),
+        ("bad-missing-image", {}, "missing_image"),
+        ("bad-too-many-pixels", {"image": _png((6000, 6000))}, "too_many_pixels"),
+        ("bad-unreachable", {"image_uri": "http://images.unreachable.invalid/cat.jpg"}, "unreachable"),
+        ("bad-metadata-service", {"image_uri": "http://169.254.169.254/latest/meta-data/"}, "uri_not_allowed"),
+        ("bad-s3-missing", {"image_uri": "s3://data/images/no-such-image.jpg"}, "not_found"),
+        (None, {"image": jpeg, "note": "record-without-id"}, "missing_id"),
+        ("dup-1", {"image": jpeg, "note": "dup-first"}, "duplicate_id"),
+        ("dup-1", {"image": jpeg, "note": "dup-second"}, "duplicate_id"),
+    ]
+    records = list(good)
+    expected_errors = {}
+    for record_id, fields, kind in bad:
+        record = {"id": record_id, "image": None, "image_uri": None, "prompt": None, "note": None,
+                  "batch_no": -1, **fields}
+        records.append(record)
+        expected_errors[record["note"] or record_id] = kind
+    return records, good, expected_errors
+
+
+def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_env):
+    client = s3_server.client()
+    records, good, expected_errors = build_records(tmp_path, client)
+    # Two input files, interleaving good and bad records.
+    for part in range(2):
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records[part::2], schema=SCHEMA), buffer)
+        client.put_object(Bucket="data", Key=f"input/part-{part}.parquet", Body=buffer.getvalue())
+
+    result = run_job("jobs.caption", "--input", "s3://data/input", "--output", "s3://data/output/run1",
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+                     "--set", "images.max_pixels=30000000", "--set", "batch.rows_per_file=8",
+                     env=s3_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    fs, path = make_filesystem(StorageSection(endpoint_url=s3_env["AWS_ENDPOINT_URL"], region="us-east-1"),
+                               "s3://data/output/run1")
+    output = pads.dataset(path, filesystem=fs, format="parquet")
+    table = output.to_table()
+    rows = table.to_pylist()
+
+    # Exactly one output row per input row, sharded by the configured row count.
+    assert len(rows) == len(records) == 35
+    assert len(output.files) >= 5 and all(pq.ParquetFile(f, filesystem=fs).metadata.num_rows <= 8
+                                          for f in output.files)
+
+    by_id = Counter(r["id"] for r in rows)
+    for record in good:
+        assert by_id[record["id"]] == 1
+    ok = {r["id"]: r for r in rows if r["error"] is None}
+    assert set(ok) == {r["id"] for r in good}, "exactly the good records succeed"
+    for record in good:
+        out = ok[record["id"]]
+        assert out["text"], out
+        assert out["prompt_tokens"] > 256, "the image's 256 soft tokens are part of the prompt"
+        assert out["completion_tokens"] > 0 and out["finish_reason"] in ("stop", "length")
+        assert out["model"] == "gemma-3-12b-it"
+        assert (out["note"], out["batch_no"]) == (record["note"], record["batch_no"]), "pass-through columns"
+        assert out["prompt"] == (record["prompt"] or "Describe this image in one detailed paragraph.")
+        assert out["image_uri"] == record["image_uri"]
+
+    errors = [r for r in rows if r["error"] is not None]
+    assert len(errors) == len(records) - len(good)
+    for row in errors:
+        key = row["note"] or row["id"]
+        assert row["error_kind"] == expected_errors[key], row
+        assert row["error"].startswith(row["error_kind"] + ": ") and len(row["error"]) > len(row["error_kind"]) + 5
+        assert row["text"] is None and row["completion_tokens"] is None
+    assert sum(r["error_kind"] == "duplicate_id" for r in errors) == 2
+    missing_id = [r for r in errors if r["error_kind"] == "missing_id"]
+    assert missing_id[0]["id"] is None and missing_id[0]["source"].endswith(".parquet")
+
+    manifest = json.loads(client.get_object(Bucket="data", Key="output/run1/_manifest.json")["Body"].read())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == 35
+    assert manifest["counts"]["ok"] == 24 and manifest["counts"]["errors"] == 11
+    assert manifest["counts"]["errors_by_kind"] == dict(Counter(expected_errors[k] for k in expected_errors) |
+                                                         {"duplicate_id": 2})
+    assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in ok.values())
+    assert manifest["throughput"]["rows_per_s"] > 0
+    assert manifest["model"]["scheme"] == "none" and manifest["versions"]["ray"] == "2.60.0"
+    assert manifest["config"]["engine"]["device"] == "cpu"

@@ -1,0 +1,78 @@
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.engine import engine_kwargs, fixed_or_range, placement_group
+
+CPU = ["engine.device=cpu", "engine.kv_cache_memory_bytes=1073741824"]
+
+
+def test_defaults_mirror_the_seed_deployment():
+    config = PipelineConfig.load(environ={})
+    assert config.engine.tensor_parallel_size == 4
+    assert config.engine.gpu_memory_utilization == 0.9
+    assert config.engine.max_model_len == 8192
+    assert config.model.served_name == "gemma-3-12b-it"
+    assert config.model.quantization == "fp8-dynamic"
+    assert config.engine.device == "gpu"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  max_num_seqs: 64\nbatch:\n  rows_per_file: 7\n")
+    config = PipelineConfig.load(path, ["engine.max_num_seqs=32", "batch.engine_replicas=[2, 6]",
+                                        "sampling.stop=['END']"], environ={})
+    assert config.engine.max_num_seqs == 32
+    assert config.batch.rows_per_file == 7
+    assert config.batch.engine_replicas == (2, 6)
+    assert config.sampling.stop == ["END"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    pytest.param(["engine.max_num_seq=3"], "engine.max_num_seq: unknown field; allowed: device,", id="typo-names-allowed"),
+    pytest.param(["engine.device=tpu"], "engine.device: Input should be 'gpu' or 'cpu'", id="literal"),
+    pytest.param(["batch.engine_replicas=[5, 2]"], "1 <= min <= max", id="concurrency-order"),
+    pytest.param(["batch.engine_replicas=0"], "engine_replicas must be >= 1", id="concurrency-zero"),
+    pytest.param(["engine.device=cpu"], "kv_cache_memory_bytes is required", id="cpu-needs-kv-cap"),
+    pytest.param(["sampling.max_tokens=9000"], "must be below engine.max_model_len", id="tokens-vs-context"),
+    pytest.param(["nonsense"], "expected section.field=value", id="bad-override"),
+])
+def test_errors_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        PipelineConfig.load(overrides=overrides, environ={})
+    assert expected in str(info.value)
+
+
+def test_environment_fills_storage_and_ray_address_only_when_unset():
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1", "RAY_ADDRESS": "auto"}
+    config = PipelineConfig.load(environ=env)
+    assert (config.storage.endpoint_url, config.storage.region, config.runtime.ray_address) == \
+        ("http://127.0.0.1:9000", "eu-west-1", "auto")
+    explicit = PipelineConfig.load(overrides=["storage.endpoint_url=http://other:1"], environ=env)
+    assert explicit.storage.endpoint_url == "http://other:1"
+
+
+def test_engine_kwargs_gpu_and_cpu():
+    gpu = engine_kwargs(PipelineConfig.load(environ={}))
+    assert gpu["tensor_parallel_size"] == 4 and gpu["gpu_memory_utilization"] == 0.9
+    assert gpu["max_model_len"] == 8192 and gpu["limit_mm_per_prompt"] == {"image": 1}
+    assert "kv_cache_memory_bytes" not in gpu
+    cpu_config = PipelineConfig.load(overrides=CPU + ["engine.tensor_parallel_size=1",
+                                                      "engine.extra_engine_kwargs={mm_processor_cache_gb: 0}"],
+                                     environ={})
+    cpu = engine_kwargs(cpu_config)
+    assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == 1073741824
+    assert cpu["mm_processor_cache_gb"] == 0
+    assert placement_group(cpu_config) == {"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"}
+    assert placement_group(PipelineConfig.load(environ={}))["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
+
+
+def test_int_concurrency_means_fixed_pool():
+    assert fixed_or_range(3) == (3, 3)
+    assert fixed_or_range((1, 8)) == (1, 8)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = PipelineConfig.load(overrides=CPU, environ={})
+    path = tmp_path / "out.yaml"
+    path.write_text(config.to_yaml())
+    assert PipelineConfig.load(path, environ={}) == config

@@ -1,0 +1,63 @@
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline import records as R
+from pipeline.config import PipelineConfig
+from pipeline.engine_rows import INFERENCE_ERROR, PASSTHROUGH, FinalizeRows, OutputBuilder, RequestBuilder
+
+CONFIG = PipelineConfig.load(overrides=["sampling.max_tokens=4", "batch.default_prompt=Caption it.",
+                                        "batch.default_system=Be brief."], environ={})
+SCHEMA = R.output_schema(pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
+                                    ("label", pa.int64())]))
+
+
+def test_request_carries_the_image_prompt_and_sampling():
+    pixels = Image.new("RGB", (8, 8), (1, 2, 3)).tobytes()
+    request = RequestBuilder(CONFIG, 8, SCHEMA)({"id": "a", R.PIXELS: pixels, "prompt": None, "label": 5})
+    system, user = request["messages"]
+    assert system == {"role": "system", "content": "Be brief."}
+    image, text = user["content"]
+    assert np.asarray(image["image_pil"]).reshape(-1, 3)[0].tolist() == [1, 2, 3]
+    assert text == {"type": "text", "text": "Caption it."}
+    assert request["sampling_params"]["max_tokens"] == 4 and request[R.PIXELS] is None
+    # pass-through values travel under one key Ray's stages never write; the prompt is the effective one
+    assert request[PASSTHROUGH] == {"prompt": "Caption it.", "label": 5}
+
+
+def test_failed_records_are_marked_for_ray_to_pass_through():
+    request = RequestBuilder(CONFIG, 8, SCHEMA)({"id": "a", R.ROW_ERROR: "not_found: gone", "label": 2})
+    assert request == {INFERENCE_ERROR: "not_found: gone", PASSTHROUGH: {"prompt": "Caption it.", "label": 2}}
+
+
+def test_outputs_for_success_prepare_error_and_engine_error():
+    build = OutputBuilder(CONFIG, SCHEMA, stop_token_ids=[1, 6])
+    ok = build({"id": "a", PASSTHROUGH: {"label": 7, "prompt": "Caption it."}, "prompt": "<bos>rendered",
+                "generated_text": "a cat", "num_input_tokens": 280, "num_generated_tokens": 2,
+                "generated_tokens": [44, 6]})
+    assert ok[R.TEXT] == "a cat" and ok[R.FINISH_REASON] == "stop" and ok[R.PROMPT_TOKENS] == 280
+    assert ok["label"] == 7 and ok[R.PROMPT] == "Caption it." and ok[R.ERROR] is None
+    assert ok[R.MODEL] == "gemma-3-12b-it"
+    cut = build({"id": "b", "generated_text": "x", "num_input_tokens": 280, "num_generated_tokens": 4,
+                 "generated_tokens": [5, 5, 5, 5]})
+    assert cut[R.FINISH_REASON] == "length"
+    bad = build({"id": "c", INFERENCE_ERROR: "x", R.ROW_ERROR: "not_an_image: ...", R.ROW_ERROR_KIND: "not_an_image",
+                 R.ROW_ERROR_STAGE: "image"})
+    assert (bad[R.ERROR_KIND], bad[R.ERROR_STAGE], bad[R.TEXT]) == ("not_an_image", "image", None)
+    engine = build({"id": "d", INFERENCE_ERROR: "ValueError: prompt too long"})
+    assert engine[R.ERROR] == "engine_error: ValueError: prompt too long" and engine[R.ERROR_STAGE] == "engine"
+
+
+def test_finalize_gives_one_schema_to_mixed_rows():
+    build = OutputBuilder(CONFIG, SCHEMA, stop_token_ids=[1])
+    done = {**build({"id": "a", "generated_text": "t", "num_input_tokens": 3, "num_generated_tokens": 1,
+                     "generated_tokens": [1]}), INFERENCE_ERROR: ""}
+    passed = {"id": "b", INFERENCE_ERROR: "m", R.ROW_ERROR: "empty_image: image is empty",
+              R.ROW_ERROR_KIND: "empty_image", R.ROW_ERROR_STAGE: "image", PASSTHROUGH: {"label": 3},
+              "messages": None}
+    keys = list(dict.fromkeys([*done, *passed]))  # Ray's blocks hold the union of the rows' columns
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in (done, passed)])
+    out = FinalizeRows(build)(table)
+    assert out.schema == SCHEMA
+    assert out.column(R.ERROR_KIND).to_pylist() == [None, "empty_image"]
+    assert out.column("label").to_pylist() == [None, 3]

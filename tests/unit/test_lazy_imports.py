@@ -1,0 +1,14 @@
+"""`import pipeline` (and building a config) must not drag in torch, vLLM or Ray's LLM stack: the
+driver of a batch job and the tests of pure logic stay light, as Ray's own lazy-import test checks."""
+import subprocess
+import sys
+
+HEAVY = ["torch", "vllm", "transformers", "ray.data.llm", "ray.serve.llm", "llmcompressor"]
+
+
+def test_facade_import_is_light():
+    code = ("import sys, pipeline; from pipeline import PipelineConfig; PipelineConfig.load(environ={}); "
+            "import pipeline.batch, pipeline.prepare, pipeline.engine_rows; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
