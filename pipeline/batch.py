@@ -20,9 +20,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from . import records as R
-from .checkpoint import CheckpointInfo, check_checkpoint, inspect_checkpoint, read_checkpoint_file
+from .checkpoint import CheckpointError, CheckpointInfo, check_checkpoint, inspect_checkpoint, read_checkpoint_file
 from .config import PipelineConfig
-from .engine import engine_kwargs, fixed_or_range, placement_group, runtime_env
+from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
 from .images import ImageTarget, image_target
 from .manifest import build_manifest
@@ -68,6 +68,9 @@ def plan_model(config: PipelineConfig) -> ModelPlan:
     source = config.model.source
     info = inspect_checkpoint(source, config.storage)
     check_checkpoint(info, config.model.quantization)
+    if config.engine.normalize_images_on_device and info.architecture != GEMMA3_ARCHITECTURE:
+        raise CheckpointError(f"{source} is a {info.architecture}, but engine.normalize_images_on_device "
+                              f"only applies to {GEMMA3_ARCHITECTURE}; set it to false")
     preprocessor = read_checkpoint_file(source, "preprocessor_config.json", config.storage)
     target = image_target(json.loads(preprocessor) if preprocessor else None, config.images.target_size_px)
     generation = read_checkpoint_file(source, "generation_config.json", config.storage)
@@ -95,7 +98,10 @@ def plan_input(config: PipelineConfig, input_uri: str) -> InputPlan:
     ids = ray.data.read_parquet(path, filesystem=fs, columns=[R.ID])
     if not pa.types.is_string(schema.field(R.ID).type):
         ids = ids.map_batches(_ids_as_strings, batch_format="pyarrow")
-    counts = ids.groupby(R.ID).count().take_all()
+    # Ray's default of 200 shuffle partitions is meant for big data; one per input file is plenty here
+    # and keeps small inputs from spawning hundreds of tasks.
+    partitions = max(1, min(200, len(dataset.files)))
+    counts = ids.groupby(R.ID, num_partitions=partitions).count().take_all()
     duplicates = frozenset(r[R.ID] for r in counts if r[R.ID] is not None and r["count()"] > 1)
     missing = sum(r["count()"] for r in counts if r[R.ID] is None)
     num_rows = sum(r["count()"] for r in counts)

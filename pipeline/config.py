@@ -106,6 +106,12 @@ class EngineSection(_Section):
         default=None,
         description="Path of a Jinja chat template to use instead of the checkpoint's.",
     )
+    normalize_images_on_device: bool = Field(
+        default=True,
+        description="Send images to the engine as uint8 and normalise them on the GPU (our Gemma 3 "
+        "variant, pipeline/vllm_gemma3.py). Takes the image processor's float work off vLLM's single "
+        "front-end process, its bottleneck with images (docs/performance.md). Gemma 3 checkpoints only.",
+    )
     extra_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Further vLLM engine arguments passed through unchanged (e.g. mm_processor_cache_gb). "

@@ -8,6 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import PipelineConfig
+from .vllm_plugin import GEMMA3_FAST_IMAGES
+
+GEMMA3_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 
 
 def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
@@ -31,6 +34,9 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    if engine.normalize_images_on_device:
+        # Registered by our vLLM plugin (entry point in pyproject.toml) in every vLLM process.
+        kwargs["hf_overrides"] = {"architectures": [GEMMA3_FAST_IMAGES]}
     kwargs.update(engine.extra_engine_kwargs)
     return kwargs
 

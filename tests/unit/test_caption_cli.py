@@ -27,7 +27,7 @@ def test_wrong_checkpoint_scheme_is_refused_before_ray(tmp_path, caplog):
 def test_existing_output_needs_overwrite(tmp_path, caplog):
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
     out = tmp_path / "out"
     out.mkdir()
     (out / "part-0.parquet").write_bytes(b"")
