@@ -225,6 +225,7 @@ def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, devic
 def _rename_vision_keys(out: Path) -> None:
     """transformers 5 saves SigLIP as `vision_tower.embeddings...`; Google's checkpoints (and vLLM's
     loader) use `vision_tower.vision_model.embeddings...`. Rewrite every shard and the index."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     def rename(key: str) -> str:
@@ -233,6 +234,9 @@ def _rename_vision_keys(out: Path) -> None:
         return key
 
     for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as handle:
+            if all(rename(k) == k for k in handle.keys()):
+                continue  # only shards holding vision keys are rewritten (the 12B has 24 GB of others)
         tensors = load_file(shard)
         save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
     index = out / "model.safetensors.index.json"

@@ -1,0 +1,114 @@
+"""Shared pieces of the GPU benchmark: the workloads, a GPU utilisation sampler, result lines."""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Workload W1 (NOTES §7): a distinct 896 x 896 image + a ~24-token prompt, 128 generated tokens.
+W1_PROMPT = ("Describe this image in detail: the main objects, their colours and positions, the setting, "
+             "and anything unusual.")
+TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+GENERATED_TOKENS = 128
+RESULT_PREFIX = "RESULT "
+
+
+def w1_image_bytes(index: int, side: int = 896) -> bytes:
+    """A distinct synthetic photo-like JPEG: gradients, shapes and texture (not flat colour, not noise)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    colours = rng.random((3, 3)).astype(np.float32)
+    base = np.stack([colours[c, 0] * x + colours[c, 1] * y + colours[c, 2] * x * y for c in range(3)], axis=-1)
+    texture = rng.normal(0, 0.04, (side // 8, side // 8, 3)).repeat(8, 0).repeat(8, 1)
+    image = Image.fromarray((np.clip(base + texture, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(4, 12))):
+        x0, y0 = rng.integers(0, side - 64, 2)
+        w, h = rng.integers(32, side // 2, 2)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + w, y0 + h), fill=fill)
+    image = image.filter(ImageFilter.GaussianBlur(1.2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_w1_parquet(path: Path, count: int, start: int = 0, workers: int = 8) -> Path:
+    """`count` W1 records (id, image bytes, prompt) as one parquet file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with ProcessPoolExecutor(workers) as pool:
+        blobs = list(pool.map(w1_image_bytes, range(start, start + count), chunksize=16))
+    table = pa.table({"id": [f"w1-{i:06d}" for i in range(start, start + count)],
+                      "image": pa.array(blobs, type=pa.binary()),
+                      "prompt": [W1_PROMPT] * count})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=64)
+    return path
+
+
+@dataclass
+class GpuSampler:
+    """Samples GPU SM utilisation every `period_s` in a thread (NVML), between start() and stop()."""
+
+    period_s: float = 0.2
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "GpuSampler":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML (CPU machine): the benchmark still runs, without utilisation
+            return self
+
+        def loop():
+            while not self._stop.is_set():
+                util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+                self.samples.append((time.perf_counter(), int(util)))
+                time.sleep(self.period_s)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        values = [u for _, u in self.samples]
+        if not values:
+            return {"gpu_util_mean": None}
+        return {"gpu_util_mean": round(statistics.mean(values), 1),
+                "gpu_util_p50": statistics.median(values),
+                "gpu_util_series": values[:: max(1, len(values) // 120)]}
+
+
+def card_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+def emit(result: dict) -> None:
+    """One result as a single line the orchestrator picks out of the subprocess output."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Drive the GPU benchmark on the lent machine (see docs/performance.md, "How it was run").
+#   bench/gpu_session.sh part FILE       copy one wheel part into /tmp/gpu-parts
+#   bench/gpu_session.sh start [ARGS]    unpack wheels, install this package, start the orchestrator detached
+#   bench/gpu_session.sh poll SECONDS    wait (keeping the lease busy), then copy results and logs to $OUT
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BENCH=/tmp/bench
+export PYTHONPATH=/tmp/site:$ROOT PATH=/tmp/site/bin:$PATH
+# Nothing outside the machine can be reached: no hub, no usage reporting.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
+case "${1:-}" in
+  part)
+    mkdir -p /tmp/gpu-parts && cp "$2" /tmp/gpu-parts/ && ls -la /tmp/gpu-parts | tail -n +2 ;;
+  start)
+    shift
+    if [ ! -f /tmp/site/.unpacked ]; then
+      bash /tmp/gpu-parts/unpack.sh /tmp/gpu-parts > /tmp/unpack.log 2>&1 || { tail -20 /tmp/unpack.log; exit 1; }
+      touch /tmp/site/.unpacked
+    fi
+    # Our package is imported from $ROOT (on PYTHONPATH); vLLM finds its plugin through this entry point,
+    # in every process it starts, without a build or any change to the image's packages.
+    DIST=/tmp/site/gemma3_fp8_pipeline-0.1.0.dist-info
+    mkdir -p $DIST
+    printf 'Metadata-Version: 2.1\nName: gemma3-fp8-pipeline\nVersion: 0.1.0\n' > $DIST/METADATA
+    printf '[vllm.general_plugins]\ngemma3_fast_images = pipeline.vllm_plugin:register\n' > $DIST/entry_points.txt
+    python3 -c "import vllm, ray, pipeline.vllm_plugin; print('vllm', vllm.__version__, 'ray', ray.__version__)" || exit 1
+    mkdir -p $BENCH
+    cd "$ROOT"
+    setsid nohup python3 -m bench.gpu_throughput --workdir $BENCH --results $BENCH/results.json "$@" \
+      > $BENCH/orchestrator.log 2>&1 < /dev/null &
+    echo $! > $BENCH/orchestrator.pid
+    echo "orchestrator pid $!"
+    sleep 20; tail -5 $BENCH/orchestrator.log ;;
+  poll)
+    end=$((SECONDS + ${2:-300}))
+    while [ $SECONDS -lt $end ]; do
+      kill -0 "$(cat $BENCH/orchestrator.pid 2>/dev/null)" 2>/dev/null || break
+      sleep 10
+    done
+    nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
+    cp $BENCH/results.json $BENCH/orchestrator.log "${OUT:-/tmp}/" 2>/dev/null
+    # One archive of run logs and profiler outputs (the tool returns at most 8 files of 16 MiB).
+    (cd $BENCH && find . -maxdepth 2 \( -name "*.log" -o -path "./profile-*/*" \) -size -40M -print0 \
+      | tar --null -czf "${OUT:-/tmp}/bench-logs.tar.gz" -T - 2>/dev/null)
+    ls -la "${OUT:-/tmp}/"
+    tail -25 $BENCH/orchestrator.log ;;
+  *) echo "usage: $0 part FILE | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
+esac

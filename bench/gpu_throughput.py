@@ -1,0 +1,169 @@
+"""GPU throughput benchmark: plain vLLM vs our pipeline, FP8 vs BF16, workload W1 and text-only, one card.
+
+    python -m bench.gpu_throughput --workdir /tmp/bench --results OUT/results.json \
+        [--runs plain-fp8,pipeline-fp8,...] [--shape 12b|tiny]
+
+It builds the random-weight checkpoints itself (exact Gemma-3-12b-it shapes, bf16, and FP8-dynamic from
+it), measures the card's matmul and memory ceilings, times the front-end's per-image work, then runs
+each configuration in its own process (one engine at a time on the card) and appends every result to
+the results file as soon as it exists. `bench.render_performance` turns the file into
+docs/performance.md. With `--shape tiny --device cpu` it checks the whole path on a CPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULT_PREFIX, write_w1_parquet
+
+RUNS = {
+    "plain-fp8": ("plain", "fp8", ["--profile-dir", "{workdir}/profile-plain-fp8"]),
+    "plain-bf16": ("plain", "bf16", []),
+    "pipeline-fp8": ("pipeline", "fp8", []),
+    "pipeline-bf16": ("pipeline", "bf16", []),
+    # Ablations: where does the gain come from?
+    "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
+    "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
+}
+DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measure_ceilings() -> dict:
+    """The card's own ceilings (METHOD.md): dense bf16 and fp8 matmul rates, device copy bandwidth."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+
+    def timed(fn, repeat=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeat / 1000
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    bf16 = 2 * n**3 / timed(lambda: a @ b) / 1e12
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.tensor(1.0, device="cuda")
+    fp8 = 2 * n**3 / timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)) / 1e12
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() / timed(lambda: dst.copy_(src), repeat=10) / 1e12
+    result = {"bf16_matmul_tflops": round(bf16, 1), "fp8_matmul_tflops": round(fp8, 1),
+              "copy_bandwidth_tb_s": round(bandwidth, 2), "card": torch.cuda.get_device_name(0)}
+    del a, b, a8, b8, src, dst
+    torch.cuda.empty_cache()
+    return result
+
+
+def build_checkpoints(workdir: Path, shape: str, device: str) -> dict[str, Path]:
+    from bench.fp8_checkpoint import convert
+    from pipeline.testing.tiny_gemma3 import SHAPES, build_gemma3
+
+    bf16, fp8 = workdir / f"gemma3-{shape}-bf16", workdir / f"gemma3-{shape}-fp8"
+    if not (bf16 / "config.json").exists():
+        started = time.time()
+        build_gemma3(bf16, SHAPES[shape], device=device)
+        log(f"built {bf16} in {time.time() - started:.0f}s")
+    if not (fp8 / "config.json").exists():
+        log(f"fp8 checkpoint: {convert(bf16, fp8, device=device)}")
+    return {"bf16": bf16, "fp8": fp8}
+
+
+def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[dict]:
+    kind, precision, extra = RUNS[name]
+    extra = [item.format(workdir=args.workdir) for item in extra]
+    if kind == "plain":
+        command = ["-m", "bench.plain_vllm", str(checkpoints[precision]), str(data["plain"]), "--label", name,
+                   "--n", str(args.plain_n), "--text-n", str(args.text_n)] + extra
+        if args.device == "cpu":
+            command += ["--engine-arg", "kv_cache_memory_bytes=1073741824", "--engine-arg", "max_model_len=1024",
+                        "--engine-arg", "enforce_eager=true", "--engine-arg", "gpu_memory_utilization=null"]
+    else:
+        command = ["-m", "bench.pipeline_run", str(checkpoints[precision]), str(data["pipeline"]), "--label", name] + extra
+        if args.device == "cpu":
+            command += ["--set", "engine.device=cpu", "--set", "engine.kv_cache_memory_bytes=1073741824",
+                        "--set", "engine.max_model_len=1024", "--set", "engine.enforce_eager=true",
+                        "--set", "runtime.local_num_cpus=8", "--set", "batch.prepare_replicas=1",
+                        "--set", "sampling.max_tokens=16", "--set", "engine.max_num_seqs=16"]
+    log(f"run {name}: python {' '.join(command)}")
+    started = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        process = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env,
+                                 timeout=args.run_timeout_s)
+        output, code = process.stdout + process.stderr, process.returncode
+    except subprocess.TimeoutExpired as exc:
+        output, code = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"), "timeout"
+    (Path(args.workdir) / f"{name}.log").write_text(output)
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    log(f"run {name}: exit {code} after {time.time() - started:.0f}s, {len(results)} results")
+    if code != 0:
+        log("\n".join(output.splitlines()[-25:]))
+        results.append({"label": name, "failed": True, "exit": code, "tail": output[-3000:]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="/tmp/bench")
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--shape", default="12b", choices=["12b", "tiny"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--plain-n", type=int, default=512)
+    parser.add_argument("--text-n", type=int, default=512)
+    parser.add_argument("--pipeline-n", type=int, default=1024)
+    parser.add_argument("--run-timeout-s", type=int, default=600)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results)
+    state = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+
+    def save():
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(state, indent=1))
+
+    if "ceilings" not in state:
+        state["ceilings"] = measure_ceilings()
+        log(f"ceilings: {state['ceilings']}")
+        save()
+    checkpoints = build_checkpoints(workdir, args.shape, args.device)
+    data = {"plain": workdir / "w1-plain.parquet", "pipeline": workdir / f"w1-{args.pipeline_n}.parquet"}
+    if not data["plain"].exists():
+        write_w1_parquet(data["plain"], args.plain_n + 16, start=100_000)
+    if not data["pipeline"].exists():
+        write_w1_parquet(data["pipeline"], args.pipeline_n)
+    if "frontend_cost" not in state:
+        from bench.frontend_cost import main as frontend_cost
+
+        state["frontend_cost"] = frontend_cost([str(checkpoints["bf16"]), "--images", "64"])
+        save()
+    for name in [r for r in args.runs.split(",") if r]:
+        state["runs"] = [r for r in state["runs"] if r.get("label") != name] + run_one(name, checkpoints, data, args)
+        save()
+    log("summary:")
+    for r in state["runs"]:
+        log(f"  {r.get('label'):28s} {r.get('workload', '-'):5s} "
+            f"{r.get('requests_per_s', 'FAILED')!s:>8} req/s  gpu util {r.get('gpu_util_mean')}")
+
+
+if __name__ == "__main__":
+    main()
