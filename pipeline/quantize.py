@@ -79,7 +79,7 @@ def run_quantize(source: str, output: str, storage: StorageSection,
     options = options or QuantizeOptions()
     started = time.time()
     _check_source(source, storage)
-    _check_output(output, storage, options.overwrite)
+    _check_output(source, output, storage, options.overwrite)
     _check_environment()
     staging = _staging_dir(output, options.work_dir)
     keep_staging = False
@@ -149,8 +149,12 @@ def _check_source(source: str, storage: StorageSection) -> None:
                        info.architecture)
 
 
-def _check_output(output: str, storage: StorageSection, overwrite: bool) -> None:
+def _check_output(source: str, output: str, storage: StorageSection, overwrite: bool) -> None:
     import pyarrow.fs as pafs
+
+    if source.rstrip("/") == output.rstrip("/") or (
+            not is_s3(output) and Path(source).exists() and Path(source).resolve() == Path(output).resolve()):
+        raise QuantizeError(f"--output {output} is the source checkpoint; write the FP8 one elsewhere")
 
     fs, path = make_filesystem(storage, output)
     existing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))

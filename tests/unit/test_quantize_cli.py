@@ -38,6 +38,13 @@ def test_an_existing_output_needs_overwrite(tmp_path, caplog):
     assert "already holds 1 entries; pass --overwrite" in caplog.text
 
 
+def test_the_source_is_never_the_output(tmp_path, caplog):
+    source = checkpoint(tmp_path / "src")
+    assert main(["--model", str(source), "--output", str(source) + "/", "--overwrite"]) == 2
+    assert "is the source checkpoint" in caplog.text
+    assert (source / "config.json").exists()
+
+
 def test_a_missing_config_is_refused(tmp_path, caplog):
     (tmp_path / "src").mkdir()
     assert main(["--model", str(tmp_path / "src"), "--output", str(tmp_path / "out")]) == 2
