@@ -1,16 +1,26 @@
 # make demo: environment + tiny model + sample data + the batch job on an embedded local Ray (CPU).
 # make test: the whole test suite (unit + integration on the real vLLM CPU engine, Ray and S3).
+# make quantize-demo: the quantize environment + the tiny Gemma 3 quantized to FP8-dynamic, with its report.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORK ?= work
 STAMP := $(VENV)/.setup-complete
+# llm-compressor needs its own environment (it pins compressed-tensors apart from vLLM, NOTES §1); the
+# tests run jobs.quantize with this path's interpreter.
+QVENV := .venv-quantize
+QSTAMP := $(QVENV)/.setup-complete
 
-.PHONY: env demo test unit integration clean
+.PHONY: env quantize-env demo quantize-demo test unit integration clean
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup_cpu_env.sh scripts/gemma3_no_torchvision_hook.py
 	scripts/setup_cpu_env.sh $(VENV)
+
+quantize-env: $(QSTAMP)
+
+$(QSTAMP): pyproject.toml scripts/setup_quantize_env.sh
+	scripts/setup_quantize_env.sh $(QVENV)
 
 $(WORK)/tiny-gemma3/config.json: | $(STAMP)
 	$(PY) -m pipeline.testing.tiny_gemma3 $(WORK)/tiny-gemma3
@@ -23,13 +33,17 @@ demo: $(STAMP) $(WORK)/tiny-gemma3/config.json $(WORK)/sample/records.parquet
 		--config configs/tiny-cpu.yaml --model $(WORK)/tiny-gemma3 --overwrite
 	$(PY) -m jobs.show_output $(WORK)/demo-output --rows 6
 
-test: $(STAMP)
+quantize-demo: $(QSTAMP) $(WORK)/tiny-gemma3/config.json
+	$(QVENV)/bin/python -m jobs.quantize --model $(WORK)/tiny-gemma3 --output $(WORK)/tiny-gemma3-fp8 --overwrite
+	cat $(WORK)/tiny-gemma3-fp8/quantization_report.md
+
+test: $(STAMP) $(QSTAMP)
 	$(PY) -m pytest -v --durations=15 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(QSTAMP)
 	$(PY) -m pytest -v tests/integration
 
 clean:

@@ -10,12 +10,13 @@ from typing import Any
 
 from .config import ConfigError, PipelineConfig
 
-__all__ = ["PipelineConfig", "ConfigError", "build_caption_dataset", "run_caption", "output_schema"]
+__all__ = ["PipelineConfig", "ConfigError", "build_caption_dataset", "run_caption", "output_schema", "run_quantize"]
 
 _LAZY = {
     "build_caption_dataset": "pipeline.batch",
     "run_caption": "pipeline.batch",
     "output_schema": "pipeline.records",
+    "run_quantize": "pipeline.quantize",  # needs the quantize environment (llm-compressor) to run
 }
 
 

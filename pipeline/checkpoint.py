@@ -18,12 +18,20 @@ from .storage import is_s3, make_s3_client, split_s3
 
 logger = logging.getLogger(__name__)
 
-# Modules that must stay in bf16 for Gemma 3: quantizing them breaks image understanding or costs
-# accuracy for little memory.
-KEEP_BF16_PROBES = {
-    "lm_head": "lm_head",
-    "vision tower": "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
-    "multimodal projector": "multi_modal_projector.mm_input_projection",
+# Linear modules that must stay bf16 in Gemma 3: a quantized vision tower breaks image understanding
+# (NaN image logits, NOTES §4); an untied lm_head costs accuracy for little memory. (The multimodal
+# projector's weight is a bare Parameter in both loaders, never a quantization target.) Each is probed
+# under the names vLLM matches the ignore list against (the checkpoint's Google layout, which vLLM's
+# Gemma 3 module names follow) and under the names transformers >= 5 gives the modules on reload.
+# llm-compressor writes exact names in the checkpoint layout (its oneshot expands regex ignores to them),
+# which transformers does not match: it then quantizes the vision tower on reload. Regexes such as
+# `re:.*vision_tower.*` match both.
+KEEP_BF16_PROBES: dict[str, dict[str, tuple[str, ...]]] = {
+    "vision tower": {
+        "vllm": ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",),
+        "transformers": ("model.vision_tower.encoder.layers.0.self_attn.q_proj",),
+    },
+    "lm_head": {"vllm": ("language_model.lm_head", "lm_head"), "transformers": ("lm_head",)},
 }
 
 
@@ -86,7 +94,13 @@ def inspect_checkpoint(source: str, storage: StorageSection) -> CheckpointInfo:
         return CheckpointInfo(source, method, architectures[0], {"quant_method": method})
     return CheckpointInfo(source, _compressed_tensors_scheme(source, quant), architectures[0],
                           {"quant_method": method, "ignore": quant.get("ignore", []),
-                           "format": quant.get("format")})
+                           "format": quant.get("format"), "lm_head_tied": _lm_head_tied(config)})
+
+
+def _lm_head_tied(config: dict[str, Any]) -> bool:
+    """Whether lm_head shares the embedding matrix (Gemma 3's default, and every published size)."""
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
 def _compressed_tensors_scheme(source: str, quant: dict[str, Any]) -> str:
@@ -112,14 +126,26 @@ def _compressed_tensors_scheme(source: str, quant: dict[str, Any]) -> str:
 
 
 def is_ignored(module: str, ignore: list[str]) -> bool:
-    """compressed-tensors' ignore semantics: `re:` patterns match the module name, others by name or suffix."""
+    """compressed-tensors' (and vLLM's) ignore semantics: `re:` entries are `re.match`ed against the module
+    name, any other entry must equal it."""
     for entry in ignore:
         if entry.startswith("re:"):
             if re.match(entry[3:], module):
                 return True
-        elif module == entry or module.endswith("." + entry):
+        elif module == entry:
             return True
     return False
+
+
+def quantized_kept_modules(ignore: list[str], loader: str, lm_head_tied: bool = False) -> list[str]:
+    """Labels of the modules that must stay bf16 but that `loader` ("vllm" or "transformers") would quantize.
+
+    A module counts as kept when any of its names under that loader is ignored. A tied lm_head is the
+    embedding matrix, which neither loader quantizes, so it is kept whatever the ignore list says.
+    """
+    return [label for label, names in KEEP_BF16_PROBES.items()
+            if not (label == "lm_head" and lm_head_tied)
+            and not any(is_ignored(name, ignore) for name in names[loader])]
 
 
 def check_checkpoint(info: CheckpointInfo, expected: str) -> None:
@@ -131,9 +157,14 @@ def check_checkpoint(info: CheckpointInfo, expected: str) -> None:
             "(fp8-dynamic, none, any)")
     if info.scheme == "fp8-dynamic":
         ignore = info.details.get("ignore", [])
-        quantized = [label for label, probe in KEEP_BF16_PROBES.items() if not is_ignored(probe, ignore)]
+        tied = bool(info.details.get("lm_head_tied"))
+        quantized = quantized_kept_modules(ignore, "vllm", tied)
         if quantized:
             raise CheckpointError(
                 f"{info.source} quantizes the {', '.join(quantized)} (ignore list: {ignore}); Gemma 3 "
                 "needs them in bf16 (a quantized vision tower gives NaN image logits). Requantize with "
                 "jobs.quantize, which ignores them by regex.")
+        if quantized_kept_modules(ignore, "transformers", tied):
+            logger.warning("%s: fine for vLLM, but its ignore list misses transformers' module names, so "
+                           "transformers would quantize the vision tower on reload (NaN image logits); "
+                           "requantize with jobs.quantize to use it outside vLLM", info.source)

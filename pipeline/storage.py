@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -80,3 +81,41 @@ def read_json(storage: StorageSection, uri: str) -> Optional[dict[str, Any]]:
 
 def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
+
+
+def download_prefix(storage: StorageSection, uri: str, local_dir: Path) -> list[Path]:
+    """Copy every object under an s3:// prefix into `local_dir`, keeping relative paths (a checkpoint).
+
+    Directory markers (keys ending in '/', which Ray writes) are skipped. Multipart transfers and retries
+    are boto3's.
+    """
+    client = make_s3_client(storage)
+    bucket, prefix = split_s3(uri.rstrip("/") + "/")
+    files = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            relative = entry["Key"][len(prefix):]
+            if not relative or relative.endswith("/"):
+                continue
+            target = local_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, entry["Key"], str(target))
+            files.append(target)
+    logger.info("downloaded %d files from %s", len(files), uri)
+    return files
+
+
+def upload_dir(storage: StorageSection, local_dir: Path, uri: str, names: Optional[Iterable[str]] = None) -> list[str]:
+    """Upload files under `local_dir` to an s3:// prefix, keeping relative paths: `names` in that order,
+    or every file. Callers order the files so that a reader never mistakes a half-finished upload for a
+    complete one (a checkpoint's config.json goes last)."""
+    client = make_s3_client(storage)
+    bucket, prefix = split_s3(uri.rstrip("/") + "/")
+    if names is None:
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    uploaded = []
+    for relative in names:
+        client.upload_file(str(local_dir / relative), bucket, prefix + relative)
+        uploaded.append(relative)
+    logger.info("uploaded %d files to %s", len(uploaded), uri)
+    return uploaded

@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CPU_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+# The quantize environment (llm-compressor; it cannot share one with vLLM, NOTES §1): `make quantize-env`.
+QUANTIZE_PYTHON = ROOT / ".venv-quantize" / "bin" / "python"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -46,10 +48,17 @@ def s3_env(s3_server, monkeypatch):
     return s3_server.env()
 
 
+@pytest.fixture(scope="session")
+def quantize_python() -> Path:
+    """The quantize environment's interpreter; missing, the test fails (CI builds it with `make test`)."""
+    assert QUANTIZE_PYTHON.exists(), f"{QUANTIZE_PYTHON} is missing: run `make quantize-env`"
+    return QUANTIZE_PYTHON
+
+
 def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout_s: int = 900,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+            cwd: Path = ROOT, python: str | Path = sys.executable) -> subprocess.CompletedProcess:
     """Run `python -m module args...` as its own process, as a user or `ray job submit` would."""
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([str(python), "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout_s)
