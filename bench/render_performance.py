@@ -1,0 +1,137 @@
+"""Render a benchmark results file into docs/performance.md (table, ratios, floor) and a PNG chart.
+
+    python -m bench.render_performance docs/bench-results/h100-2026-11-26.json
+
+Only the part between the `results:begin` / `results:end` markers of docs/performance.md is
+rewritten; the analysis around it is written by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.floor import Workload, floor
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _find(runs: list[dict], label: str, workload: str) -> dict | None:
+    return next((r for r in runs if r.get("label") == label and r.get("workload") == workload), None)
+
+
+def _rate(run: dict | None) -> str:
+    return f"{run['requests_per_s']:.1f}" if run and "requests_per_s" in run else "not measured"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or "requests_per_s" not in a or "requests_per_s" not in b:
+        return "not measured"
+    return f"{a['requests_per_s'] / b['requests_per_s']:.2f}x"
+
+
+def render(results: dict, chart: Path) -> str:
+    runs = [r for r in results["runs"] if not r.get("failed")]
+    ceilings = results.get("ceilings", {})
+    card = ceilings.get("card") or (runs[0]["card"] if runs else "unknown card")
+    vllm = runs[0].get("vllm", "?") if runs else "?"
+    rows = ["| configuration | workload | requests/s | generated tokens/s | GPU busy (NVML, mean) | engine start-up |",
+            "|---|---|---|---|---|---|"]
+    for run in runs:
+        if run.get("workload") not in ("W1", "text"):
+            continue
+        startup = run.get("startup_s") or run.get("first_output_after_s")
+        util = run.get("gpu_util_mean")
+        rows.append(f"| {run['label']} ({run['engine']}) | {run['workload']} | {run['requests_per_s']:.1f} | "
+                    f"{run.get('generated_tokens_per_s', 0):.0f} | {'-' if util is None else f'{util}%'} | "
+                    f"{'-' if not startup else f'{startup:.0f} s'} |")
+    missing = [r["label"] for r in results["runs"] if r.get("failed")]
+    prompt_tokens = next((r["prompt_tokens_mean"] for r in runs if r.get("workload") == "W1"
+                          and r.get("prompt_tokens_mean")), 329)
+    work = Workload(prompt_tokens=int(prompt_tokens))
+    floors = {p: floor(work, ceilings.get("bf16_matmul_tflops", 792), ceilings.get("fp8_matmul_tflops", 1432),
+                       ceilings.get("copy_bandwidth_tb_s", 3.0), p == "fp8") for p in ("fp8", "bf16")}
+    ratios = [
+        ("pipeline / plain vLLM, FP8, W1", _ratio(_find(runs, "pipeline-fp8", "W1"), _find(runs, "plain-fp8", "W1"))),
+        ("pipeline / plain vLLM, BF16, W1", _ratio(_find(runs, "pipeline-bf16", "W1"), _find(runs, "plain-bf16", "W1"))),
+        ("FP8 / BF16, pipeline, W1", _ratio(_find(runs, "pipeline-fp8", "W1"), _find(runs, "pipeline-bf16", "W1"))),
+        ("FP8 / BF16, plain vLLM, W1", _ratio(_find(runs, "plain-fp8", "W1"), _find(runs, "plain-bf16", "W1"))),
+        ("FP8 / BF16, plain vLLM, text-only", _ratio(_find(runs, "plain-fp8", "text"), _find(runs, "plain-bf16", "text"))),
+    ]
+    _chart(runs, floors, card, chart)
+    lines = [
+        BEGIN,
+        f"**Card:** {card} · **vLLM** {vllm} · **ceilings measured in the same run:** bf16 matmul "
+        f"{ceilings.get('bf16_matmul_tflops')} TFLOP/s, fp8 matmul {ceilings.get('fp8_matmul_tflops')} TFLOP/s, "
+        f"device copy {ceilings.get('copy_bandwidth_tb_s')} TB/s.",
+        "",
+        *rows,
+        "",
+        "| ratio (same card, same run) | value |", "|---|---|",
+        *[f"| {name} | {value} |" for name, value in ratios],
+        "",
+        f"Physical floor for W1 ({work.prompt_tokens}-token prompts incl. 256 image tokens, "
+        f"{work.generated_tokens} generated, {work.concurrent_sequences} sequences decoding together; "
+        "`python -m bench.floor`):",
+        "",
+        "| | vision tower (bf16) | prefill | decode compute | decode weight reads | decode KV reads | floor, serial | floor, overlapped |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {p.upper()} | {f['vision_ms']:.1f} ms | {f['prefill_ms']:.1f} ms | {f['decode_compute_ms']:.1f} ms | "
+          f"{f['decode_weights_ms']:.1f} ms | {f['decode_kv_ms']:.1f} ms | {f['serial_images_per_s']:.0f} images/s | "
+          f"{f['overlapped_images_per_s']:.0f} images/s |" for p, f in floors.items()],
+        "",
+        f"![W1 throughput]({chart.name})",
+        "",
+        (f"Not measured in this run (the lease ended first): {', '.join(missing)}." if missing else ""),
+        "",
+        f"Front-end image processor on this host, per 896 px image (`bench/frontend_cost.py`): stock "
+        f"{results.get('frontend_cost', {}).get('stock_image_processor_ms', float('nan')):.2f} ms "
+        f"({results.get('frontend_cost', {}).get('image_processor_class', '?')}), uint8 variant "
+        f"{results.get('frontend_cost', {}).get('uint8_image_processor_ms', float('nan')):.2f} ms, stock processor "
+        f"with the text {results.get('frontend_cost', {}).get('stock_processor_with_text_ms', float('nan')):.2f} ms.",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def _chart(runs: list[dict], floors: dict, card: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w1 = [r for r in runs if r.get("workload") == "W1"]
+    labels = [r["label"] for r in w1] + ["floor FP8 (serial)", "floor FP8 (overlapped)"]
+    values = [r["requests_per_s"] for r in w1] + [floors["fp8"]["serial_images_per_s"],
+                                                  floors["fp8"]["overlapped_images_per_s"]]
+    colours = ["#4C72B0" if l.startswith("plain") else "#DD8452" for l in labels[:-2]] + ["#BBBBBB", "#888888"]
+    figure, axis = plt.subplots(figsize=(8, 3.6), dpi=110)
+    bars = axis.barh(labels, values, color=colours)
+    axis.bar_label(bars, fmt="%.1f", padding=3)
+    axis.axvline(45, color="#C44E52", linestyle="--", linewidth=1)
+    axis.text(45, -0.7, " target 45", color="#C44E52", fontsize=8)
+    axis.set_xlabel("images per second, workload W1 (896 px image + 24-token prompt, 128 tokens out)")
+    axis.set_title(card, fontsize=10)
+    axis.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results")
+    parser.add_argument("--doc", default="docs/performance.md")
+    args = parser.parse_args(argv)
+    doc = Path(args.doc)
+    chart = doc.parent / (Path(args.results).stem + "-w1.png")
+    block = render(json.loads(Path(args.results).read_text()), chart)
+    text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(head + block + tail)
+    print(f"wrote {doc} and {chart}")
+
+
+if __name__ == "__main__":
+    main()
