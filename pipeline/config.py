@@ -279,6 +279,11 @@ class ServeSection(_Section):
         description="HTTP ingress replicas at most. The ingress checks keys, fetches and decodes images, "
         "so it needs CPU in proportion to image traffic.",
     )
+    ingress_num_cpus: float = Field(
+        default=1.0, ge=0,
+        description="CPUs reserved per ingress replica (it decodes and checks images). 0 lets it run on a "
+        "machine whose CPUs the engine replicas already reserve, as on a 2-core laptop.",
+    )
     ingress_target_ongoing_requests: float = Field(
         default=64, gt=0, description="Requests per ingress replica that its autoscaler aims for.",
     )

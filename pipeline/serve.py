@@ -73,7 +73,8 @@ def ingress_deployment_config(config: PipelineConfig) -> dict[str, Any]:
     serve = config.serve
     return {"autoscaling_config": {"min_replicas": serve.ingress_min_replicas,
                                    "max_replicas": serve.ingress_max_replicas,
-                                   "target_ongoing_requests": serve.ingress_target_ongoing_requests}}
+                                   "target_ongoing_requests": serve.ingress_target_ongoing_requests},
+            "ray_actor_options": {"num_cpus": serve.ingress_num_cpus}}
 
 
 def build_app(config: PipelineConfig) -> "Application":

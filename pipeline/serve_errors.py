@@ -5,6 +5,11 @@ validation (`RequestValidationError`), Ray's ingress (`{"error": {"message": "Me
 exception: ..., original exception: ...", "code": 400, ...}}`, losing vLLM's `param`), and Ray Serve's
 plain-text 503 when a deployment's queue is full. `reshape_error_body` turns any of them into
 `{"error": {"message", "type", "param", "code"}}` with the message the client needs.
+
+Workaround for ray-project/ray#64833 (Ray's OpenAI error envelope is not spec-compliant) and #64832
+(a 500's body carries the original exception, for a replica error the whole remote traceback): only
+the leading "Message: ..." part of Ray's message reaches the client. Remove the Ray-specific parsing
+when Ray's ingress returns OpenAI-shaped errors itself; the guard's own errors need none of it.
 """
 from __future__ import annotations
 

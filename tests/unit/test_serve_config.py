@@ -70,8 +70,9 @@ def test_llm_config_args_autoscale_and_bound_the_queue():
                                             "model_source": "RedHatAI/gemma-3-12b-it-FP8-dynamic"}
     assert args["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
     assert args["accelerator_type"] == "L40S" and "accelerator_config" not in args
-    assert ingress_deployment_config(config) == {"autoscaling_config": {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64.0}}
+    assert ingress_deployment_config(config) == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64.0},
+        "ray_actor_options": {"num_cpus": 1.0}}
 
 
 def test_llm_config_args_cpu_and_s3():
@@ -84,3 +85,20 @@ def test_llm_config_args_cpu_and_s3():
     autoscaling = args["deployment_config"]["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["initial_replicas"]) == (0, 1)
     assert args["runtime_env"] == {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+
+
+@pytest.mark.parametrize("name", ["serve-tiny-cpu.yaml", "serve.yaml"])
+def test_serve_config_files(name):
+    """The `serve run` / `serve deploy` files are valid Serve configs whose args load our config."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.conftest import ROOT
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / name).read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "pipeline.serve:app_builder" and app.route_prefix == "/"
+    assert set(app.args) == {"config", "set"}
+    config = PipelineConfig.load(ROOT / app.args["config"], app.args["set"], environ={})
+    assert config.model.served_name == "gemma-3-12b-it"
+    assert config.serve.target_ongoing_requests < config.serve.max_ongoing_requests

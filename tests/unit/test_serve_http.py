@@ -145,6 +145,12 @@ def test_streams_pass_through(client):
                  "application/json", "/v1/chat/completions",
                  {"message": "This model's maximum context length is 1024 tokens.", "type": "invalid_request_error",
                   "param": "messages", "code": "context_length_exceeded"}, id="ray-wrapped-context-length"),
+    pytest.param(500, b'{"error": {"message": "Message: Internal Server Error (Request ID: 7f), Internal exception: '
+                      b'Internal Server Error (Request ID: 7f), original exception: ray::ServeReplica Traceback '
+                      b'(most recent call last): File /srv/secret.py", "code": 500, "type": "InternalServerError"}}',
+                 "application/json", "/v1/chat/completions",
+                 {"message": "Internal Server Error", "type": "server_error", "param": None, "code": None},
+                 id="ray-500-without-remote-traceback"),
     pytest.param(500, b"Internal Server Error", "text/plain", "/v1/x",
                  {"message": "Internal Server Error", "type": "server_error", "param": None, "code": None}, id="500-text"),
     pytest.param(408, b"", "text/plain", "/v1/x",
