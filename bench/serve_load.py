@@ -8,7 +8,8 @@ Or let it start the tiny CPU app itself (`python -m jobs.serve`, stopped at the 
 
     python bench/serve_load.py --start-local --model work/tiny-gemma3
 
-Each client sends one chat request at a time (an image + a short question, max_tokens fixed with
+With --start-local the server's log is work/bench-serve.log (replica changes appear there as the
+Serve controller's "Adding N replica" lines). Each client sends one chat request at a time (an image + a short question, max_tokens fixed with
 ignore_eos so every request generates the same number of tokens) until the time is up. Printed:
 requests/s, generated tokens/s, latency p50/p90/p99, and errors by status. A benchmark, not a test:
 numbers depend on the machine.
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--start-local", action="store_true", help="start `python -m jobs.serve` with the tiny config")
     parser.add_argument("--model", default=str(ROOT / "work" / "tiny-gemma3"), help="checkpoint for --start-local")
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny-cpu.yaml"), help="config for --start-local")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override for --start-local, e.g. serve.max_replicas=2 (repeatable)")
     parser.add_argument("--served-name", default="gemma-3-12b-it")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration-s", type=float, default=30.0)
@@ -118,7 +121,8 @@ def start_local(args) -> tuple[subprocess.Popen, str, str]:
     env.pop("RAY_ADDRESS", None)
     log = open(ROOT / "work" / "bench-serve.log", "w") if (ROOT / "work").is_dir() else subprocess.DEVNULL
     process = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--config", args.config, "--model", args.model,
-                                "--set", f"serve.port={port}"], cwd=ROOT, env=env, stdout=log,
+                                "--set", f"serve.port={port}", *[a for o in args.overrides for a in ("--set", o)]],
+                               cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -267,9 +268,7 @@ def check_image_bytes(data: bytes, param: str, policy: RequestPolicy) -> str:
         prepare_image(data, policy.image_limits, policy.image_target)
     except RecordError as exc:
         raise bad_request(f"{param}: {exc.message}", param, exc.kind.value) from None
-    from io import BytesIO
-
-    with Image.open(BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data)) as image:
         return image.format or ""
 
 

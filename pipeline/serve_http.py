@@ -48,19 +48,16 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        send = _ErrorReshaper(send, scope["path"])
         headers = Headers(scope=scope)
         try:
             self.keys.check(headers.get("authorization"))
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 scope, receive = await self._checked_body(scope, receive, headers)
         except ApiError as error:
-            if error.status >= 500:
-                logger.error("guard failed: %s", error.message)
             await _send_json(send, error.status, error.body(),
                              [(b"www-authenticate", b"Bearer")] if error.status == 401 else [])
             return
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _ErrorReshaper(send, scope["path"]))
 
     async def _checked_body(self, scope, receive, headers: Headers):
         check_content_length(headers.get("content-length"), self.policy)
