@@ -36,6 +36,11 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     if not errors:
         return ApiError(400, "request does not match the API schema", code="invalid_value")
     param, rest = split_loc(errors[0].get("loc", ()))
+    if param is None:
+        # A model-level check (e.g. vLLM's VLLMValidationError from a model validator) names the
+        # parameter on the exception rather than in the location.
+        cause = (errors[0].get("ctx") or {}).get("error")
+        param = getattr(cause, "parameter", None) if isinstance(getattr(cause, "parameter", None), str) else None
     if not rest:
         message = f"{param}: {errors[0].get('msg', 'invalid value')}" if param else str(errors[0].get("msg"))
         if len(errors) > 1:

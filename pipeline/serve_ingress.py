@@ -29,11 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse
 
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from vllm.exceptions import VLLMValidationError
 
 from .config import FetchSection, PipelineConfig, read_api_keys
 from .fetch import Fetcher
 from .serve_errors import validation_error
-from .serve_guard import ApiKeyCheck, RequestPolicy
+from .serve_guard import ApiError, ApiKeyCheck, RequestPolicy
 from .serve_http import GuardMiddleware
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class GuardedIngress(OpenAiIngress):
         """Called by the Serve replica before the app starts: add the guard, open probes, error shape."""
         app = self.app
         app.add_exception_handler(RequestValidationError, _validation_error_response)
+        app.add_exception_handler(VLLMValidationError, _vllm_validation_error_response)
         app.add_api_route("/health", _health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_middleware(GuardMiddleware, keys=self._keys, policy=self._policy, fetch_image=self._fetcher.fetch)
@@ -86,4 +88,11 @@ async def _health() -> dict[str, str]:
 
 async def _validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     error = validation_error(exc.errors())
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _vllm_validation_error_response(request: Request, exc: VLLMValidationError) -> JSONResponse:
+    """vLLM's request models raise this from their cross-field checks (e.g. tool_choice without tools)
+    while FastAPI parses the body; it names the parameter, which Ray's generic handler drops."""
+    error = ApiError(400, str(exc), param=exc.parameter, code="invalid_value")
     return JSONResponse(error.body(), status_code=error.status)

@@ -204,6 +204,8 @@ BAD_INPUTS = [
                  "max_tokens_exceeded", ["max_tokens 9000 exceeds the cap of 256"], id="max-tokens-over-cap"),
     pytest.param(dict(messages=[{"role": "user", "content": "hi"}], model="gpt-4o"), "model", "model_not_found",
                  ["'gpt-4o' does not exist", MODEL], id="unknown-model"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], tool_choice="required"), "tool_choice",
+                 "invalid_value", ["`tools` must be set"], id="tool-choice-without-tools"),
     pytest.param(dict(messages=[{"content": "no role"}]), "messages[0]", "invalid_value",
                  ["role: Field required"], id="schema-violation"),
 ]

@@ -176,3 +176,17 @@ def test_schema_errors_name_the_parameter():
     assert union.message == ("messages[0] matches none of the accepted shapes (role must be one of user, tool; "
                              "content: Input should be a valid string)")
     assert split_loc(("body", "tools", 2, "function", "name")) == ("tools[2].function.name", "")
+
+
+class FakeVLLMValidationError(ValueError):
+    """Stands in for vllm.exceptions.VLLMValidationError (importing vLLM would make this test slow): a
+    model validator's error that names its parameter as an attribute."""
+
+    parameter = "tool_choice"
+
+
+def test_model_level_errors_name_their_parameter():
+    error = validation_error([{"loc": ("body",), "type": "value_error", "ctx": {"error": FakeVLLMValidationError()},
+                               "msg": "Value error, When using `tool_choice`, `tools` must be set."}])
+    assert error.param == "tool_choice"
+    assert error.message == "tool_choice: Value error, When using `tool_choice`, `tools` must be set."
