@@ -243,6 +243,117 @@ class BatchSection(_Section):
         return _check_concurrency(value, info.field_name)
 
 
+class ServeSection(_Section):
+    """The online endpoint (`jobs.serve`, `pipeline.serve`): scaling, admission, auth and request limits."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the Serve HTTP proxy binds. 0.0.0.0 on a cluster behind a load balancer; "
+        "the loopback default keeps a local run private.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    app_name: str = Field(default="gemma", description="Ray Serve application name (`serve status`).")
+    min_replicas: int = Field(
+        default=1, ge=0,
+        description="Engine replicas kept warm. 0 scales to zero when idle, at the price of a cold start "
+        "of minutes (model load) for the first request.",
+    )
+    max_replicas: int = Field(
+        default=4, ge=1,
+        description="Engine replicas at most; each takes tensor_parallel_size x pipeline_parallel_size "
+        "GPUs. Bounds the cost of a traffic spike.",
+    )
+    target_ongoing_requests: float = Field(
+        default=96, gt=0,
+        description="Requests in flight per engine replica that the autoscaler aims for. Ray's default "
+        "(1e9) never scales up (NOTES §6). Lower scales out earlier (latency), higher packs replicas "
+        "(throughput); keep it below max_ongoing_requests.",
+    )
+    max_ongoing_requests: int = Field(
+        default=256, ge=1,
+        description="Requests one engine replica accepts at once; more wait in the caller's queue. Near "
+        "engine.max_num_seqs keeps the engine's batch full without a deep hidden queue inside vLLM.",
+    )
+    max_queued_requests: int = Field(
+        default=512, ge=0,
+        description="Requests waiting for an engine replica, beyond which the endpoint answers 503 at "
+        "once instead of letting clients hang (-1 in Ray means unbounded; here it is always bounded).",
+    )
+    ingress_min_replicas: int = Field(default=1, ge=1, description="HTTP ingress replicas kept (CPU only).")
+    ingress_max_replicas: int = Field(
+        default=4, ge=1,
+        description="HTTP ingress replicas at most. The ingress checks keys, fetches and decodes images, "
+        "so it needs CPU in proportion to image traffic.",
+    )
+    ingress_num_cpus: float = Field(
+        default=1.0, ge=0,
+        description="CPUs reserved per ingress replica (it decodes and checks images). 0 lets it run on a "
+        "machine whose CPUs the engine replicas already reserve, as on a 2-core laptop.",
+    )
+    ingress_target_ongoing_requests: float = Field(
+        default=64, gt=0, description="Requests per ingress replica that its autoscaler aims for.",
+    )
+    api_keys_env: str = Field(
+        default="GEMMA_API_KEYS",
+        description="Environment variable holding the accepted API keys (comma-separated), read by each "
+        "ingress replica at start. Keys never travel through the config or Ray.",
+    )
+    api_keys_file: Optional[str] = Field(
+        default=None,
+        description="File with one accepted API key per line (e.g. a mounted Kubernetes secret), read by "
+        "each ingress replica at start; used together with api_keys_env. With no key found, the "
+        "endpoint refuses to start rather than serve unauthenticated.",
+    )
+    allowed_image_domains: list[str] = Field(
+        default_factory=list,
+        description="Host names (exact, case-insensitive) from which http(s) image_url values are "
+        "fetched by the endpoint itself; any other http(s) URL is a 400. data: URLs are always "
+        "accepted. Addresses that resolve to private, loopback or link-local networks are refused "
+        "even for listed hosts.",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 2**20, ge=1024,
+        description="Largest request body. Base64 inflates an image by 4/3, so this bounds the image "
+        "size clients can send inline.",
+    )
+    max_images_per_request: int = Field(
+        default=1, ge=0,
+        description="Images accepted in one request, at most engine.max_images_per_prompt. Each image "
+        "costs 256 tokens of context and one decode on the ingress.",
+    )
+    max_tokens_cap: Optional[int] = Field(
+        default=None, ge=1,
+        description="Largest max_tokens / max_completion_tokens a request may ask for (larger is a 400), "
+        "and the limit when a request sets none. Bounds the time one request holds a batch slot. None "
+        "means half of engine.max_model_len (4096 for the default 8192).",
+    )
+    tool_call_parser: Optional[str] = Field(
+        default="pythonic",
+        description="vLLM tool-call parser for tools/tool_choice (auto, required, named). 'pythonic' "
+        "reads Gemma 3's [fn(arg=...)] calls; a plugin parser (tool_parser_plugin) can replace it. "
+        "None disables tool calling.",
+    )
+    compact_guided_json: bool = Field(
+        default=True,
+        description="Guided JSON (named or required tool_choice, response_format) without free whitespace, "
+        "on vLLM's xgrammar backend. Without it a weak model can emit newlines between JSON tokens until "
+        "max_tokens and return truncated arguments; the price is xgrammar only (no fallback to another "
+        "backend for schema features it lacks).",
+    )
+    tool_parser_plugin: Optional[str] = Field(
+        default=None,
+        description="Path of a Python file registering a vLLM tool parser (vLLM's --tool-parser-plugin).",
+    )
+
+    @field_validator("allowed_image_domains")
+    @classmethod
+    def _bare_host_names(cls, domains: list[str]) -> list[str]:
+        for domain in domains:
+            if not domain or "/" in domain or ":" in domain:
+                raise ValueError(f"expected bare host names such as images.example.com, got {domain!r}")
+        return [d.lower().rstrip(".") for d in domains]
+
+
 class RuntimeSection(_Section):
     ray_address: Optional[str] = Field(
         default=None,
@@ -261,7 +372,8 @@ class RuntimeSection(_Section):
 
 
 class PipelineConfig(_Section):
-    """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, runtime."""
+    """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, serve,
+    runtime."""
 
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -270,6 +382,7 @@ class PipelineConfig(_Section):
     fetch: FetchSection = Field(default_factory=FetchSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     batch: BatchSection = Field(default_factory=BatchSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @model_validator(mode="after")
@@ -278,6 +391,32 @@ class PipelineConfig(_Section):
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.max_model_len "
                 f"({self.engine.max_model_len}) to leave room for the prompt"
+            )
+        serve = self.serve
+        if serve.max_tokens_cap is None:
+            serve.max_tokens_cap = self.engine.max_model_len // 2
+        if serve.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError(
+                f"serve.max_tokens_cap ({serve.max_tokens_cap}) must be below engine.max_model_len "
+                f"({self.engine.max_model_len}) to leave room for the prompt"
+            )
+        if serve.max_images_per_request > self.engine.max_images_per_prompt:
+            raise ValueError(
+                f"serve.max_images_per_request ({serve.max_images_per_request}) exceeds "
+                f"engine.max_images_per_prompt ({self.engine.max_images_per_prompt}): the engine would "
+                "refuse what the endpoint accepts"
+            )
+        if not serve.min_replicas <= serve.max_replicas:
+            raise ValueError(f"serve.min_replicas ({serve.min_replicas}) exceeds serve.max_replicas "
+                             f"({serve.max_replicas})")
+        if not serve.ingress_min_replicas <= serve.ingress_max_replicas:
+            raise ValueError(f"serve.ingress_min_replicas ({serve.ingress_min_replicas}) exceeds "
+                             f"serve.ingress_max_replicas ({serve.ingress_max_replicas})")
+        if serve.target_ongoing_requests > serve.max_ongoing_requests:
+            raise ValueError(
+                f"serve.target_ongoing_requests ({serve.target_ongoing_requests}) exceeds "
+                f"serve.max_ongoing_requests ({serve.max_ongoing_requests}): replicas would never look "
+                "busy enough to scale up"
             )
         if self.engine.device == "cpu" and self.engine.kv_cache_memory_bytes is None:
             raise ValueError(
@@ -328,6 +467,28 @@ class PipelineConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+def read_api_keys(serve: ServeSection, environ: Optional[dict[str, str]] = None) -> list[str]:
+    """The accepted API keys: `$<serve.api_keys_env>` (comma-separated) plus `serve.api_keys_file`.
+
+    Called where the keys are checked (each ingress replica at start), so secrets come from that
+    process's environment or a mounted file and never travel inside the config. Raises ConfigError
+    when none is found: the endpoint refuses to start unauthenticated.
+    """
+    environ = os.environ if environ is None else environ
+    keys = [k.strip() for k in environ.get(serve.api_keys_env, "").split(",") if k.strip()]
+    if serve.api_keys_file:
+        try:
+            text = Path(serve.api_keys_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"serve.api_keys_file: cannot read {serve.api_keys_file}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise ConfigError(
+            f"no API key: set ${serve.api_keys_env} (comma-separated) or serve.api_keys_file; the "
+            "endpoint does not serve without authentication"
+        )
+    return keys
 
 # Fields whose default comes from the environment, read only here: (section, field, variables).
 _ENV_DEFAULTS = [

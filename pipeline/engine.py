@@ -61,3 +61,38 @@ def runtime_env(config: PipelineConfig) -> dict[str, Any] | None:
 def fixed_or_range(value: int | tuple[int, int]) -> tuple[int, int]:
     """Ray's LLM stages read an int n as "autoscale 1..n"; our config means a fixed pool of n."""
     return (value, value) if isinstance(value, int) else value
+
+
+# A reserved name (RFC 2606) that never resolves: vLLM treats an empty allow-list as "any domain", so
+# this is how the engine is told to fetch nothing itself.
+NO_MEDIA_DOMAIN = "media-fetching-disabled.invalid"
+
+
+def serving_engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """`engine_kwargs` plus what only the online endpoint needs: tool calling, chat template, caps.
+
+    - Tool calls: vLLM's `enable_auto_tool_choice` + `tool_call_parser` (serve.tool_call_parser; the
+      Gemma 3 parser plugin can replace `pythonic` through serve.tool_parser_plugin).
+    - `override_generation_config.max_new_tokens` makes serve.max_tokens_cap a server-wide limit, so a
+      request that sets no max_tokens is capped too (vLLM takes the minimum).
+    - `structured_outputs_config`: compact guided JSON (serve.compact_guided_json), so tool arguments
+      cannot drown in whitespace.
+    - `allowed_media_domains`: the ingress fetches allow-listed images itself and passes them on as
+      data: URLs, so the engine is told to fetch from no domain at all (defence in depth).
+    """
+    serve = config.serve
+    kwargs = engine_kwargs(config)
+    if serve.tool_call_parser:
+        kwargs["enable_auto_tool_choice"] = True
+        kwargs["tool_call_parser"] = serve.tool_call_parser
+    if serve.tool_parser_plugin:
+        kwargs["tool_parser_plugin"] = serve.tool_parser_plugin
+    if config.engine.chat_template:
+        kwargs["chat_template"] = config.engine.chat_template
+    generation = dict(kwargs.get("override_generation_config") or {})
+    generation["max_new_tokens"] = min(generation.get("max_new_tokens", serve.max_tokens_cap), serve.max_tokens_cap)
+    kwargs["override_generation_config"] = generation
+    if serve.compact_guided_json:
+        kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
+    kwargs.setdefault("allowed_media_domains", [NO_MEDIA_DOMAIN])
+    return kwargs

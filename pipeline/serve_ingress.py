@@ -1,0 +1,98 @@
+"""The HTTP ingress of the endpoint: Ray's OpenAI ingress with the request guard in front of it.
+
+How it plugs into `ray.serve.llm` (Ray 2.60): `build_openai_app` takes `ingress_cls_config.ingress_cls`,
+a documented field of `LLMServingArgs`, and turns that class into the FastAPI ingress deployment with all
+of Ray's OpenAI routes, streaming and model routing (`make_fastapi_ingress`). `GuardedIngress` is that
+class: a subclass of Ray's `OpenAiIngress` that changes no route. The guard has to run before FastAPI
+reads and parses a body (the key first, then the body size, then the content), so it is ASGI
+middleware (`serve_http.GuardMiddleware`). Ray builds the FastAPI app itself and takes no middleware
+argument, so the middleware is added in `__serve_build_asgi_app__`, the hook a Serve replica calls
+after the constructor and before the app's lifespan starts (`ray/serve/_private/replica.py: _initialize_asgi_callable`; documented under
+`serve.ingress` for late-bound apps).
+
+Rejected: an ingress deployment of our own that calls the LLM deployment handles (it would copy Ray's
+routing, streaming and error code); overriding each route method (FastAPI has already read and
+validated the body by then, so a request without a key would learn about its body first).
+
+Errors: the guard answers 4xx itself (`serve_guard.ApiError`); errors raised further in (FastAPI's
+schema validation, Ray, vLLM) are reshaped on the way out by `serve_errors`, so every 4xx/5xx body is
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse
+
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from vllm.exceptions import VLLMValidationError
+
+from .config import FetchSection, PipelineConfig, read_api_keys
+from .fetch import Fetcher
+from .serve_errors import validation_error
+from .serve_guard import ApiError, ApiKeyCheck, RequestPolicy
+from .serve_http import GuardMiddleware
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 10.0
+
+
+class GuardedIngress(OpenAiIngress):
+    """Ray's OpenAI ingress; every request passes `GuardMiddleware` first."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, pipeline_config: dict[str, Any], **kwargs):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        config = PipelineConfig.model_validate(pipeline_config)
+        # Read in the replica: keys come from this process's environment or a mounted file and are never
+        # part of the config or of Ray's deployment arguments. No key -> the replica fails to start.
+        self._keys = ApiKeyCheck(read_api_keys(config.serve))
+        self._policy = RequestPolicy.from_config(config)
+        # The endpoint fetches allow-listed http(s) images itself: never from private, loopback or
+        # link-local addresses (whatever fetch.allow_private_networks says for batch) and never local paths.
+        policy = FetchSection(**{**config.fetch.model_dump(), "allow_private_networks": False,
+                                 "allow_local_paths": False})
+        self._fetcher = Fetcher(policy, config.storage, max_bytes=config.images.max_bytes)
+        logger.info("ingress guard ready: %d API keys, model %s, image hosts %s", self._keys.count,
+                    config.model.served_name, sorted(self._policy.allowed_image_domains) or "none")
+
+    async def __serve_build_asgi_app__(self):
+        """Called by the Serve replica before the app starts: add the guard, open probes, error shape."""
+        app = self.app
+        app.add_exception_handler(RequestValidationError, _validation_error_response)
+        app.add_exception_handler(VLLMValidationError, _vllm_validation_error_response)
+        app.add_api_route("/health", _health, methods=["GET"])
+        app.add_api_route("/ready", self._ready, methods=["GET"])
+        app.add_middleware(GuardMiddleware, keys=self._keys, policy=self._policy, fetch_image=self._fetcher.fetch)
+        return app
+
+    async def _ready(self) -> JSONResponse:
+        """Ready when every model deployment answers its health check (so at least one replica runs)."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                for model_id, handle in self._default_serve_handles.items():
+                    await handle.check_health.remote()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"; the reason is reported
+            return JSONResponse({"status": "not ready", "reason": f"{type(exc).__name__}: {exc}"[:500]},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "models": sorted(self._default_serve_handles)})
+
+
+async def _health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    error = validation_error(exc.errors())
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _vllm_validation_error_response(request: Request, exc: VLLMValidationError) -> JSONResponse:
+    """vLLM's request models raise this from their cross-field checks (e.g. tool_choice without tools)
+    while FastAPI parses the body; it names the parameter, which Ray's generic handler drops."""
+    error = ApiError(400, str(exc), param=exc.parameter, code="invalid_value")
+    return JSONResponse(error.body(), status_code=error.status)

@@ -1,0 +1,251 @@
+"""The online endpoint end to end: `python -m jobs.serve` on an embedded local Ray, the real vLLM CPU
+engine with the tiny Gemma 3, and the official `openai` client.
+
+One app is started per module (deploying takes a minute or more here); every test then sends a few
+fast requests. The queue is configured tiny (2 running + 2 waiting) so that overload is reachable.
+"""
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import OFFLINE_ENV, ROOT, TINY_CPU_CONFIG
+
+pytestmark = pytest.mark.integration
+
+MODEL = "gemma-3-12b-it"
+KEYS = ("first-test-key", "second-test-key")
+DEPLOY_TIMEOUT_S = 600
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_data_url(size=(640, 480), color=(20, 160, 60)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_message(url: str, text: str = "Describe the image.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_model, tmp_path_factory):
+    """`python -m jobs.serve` in its own process, as a user runs it; stopped with SIGTERM at the end."""
+    work = tmp_path_factory.mktemp("serve")
+    keys_file = work / "api-keys"
+    keys_file.write_text("# test keys\n" + "\n".join(KEYS) + "\n")
+    port = free_port()
+    log = open(work / "serve.log", "w")
+    env = {**os.environ, **OFFLINE_ENV}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("GEMMA_API_KEYS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.serve", "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+         "--set", f"serve.port={port}", "--set", f"serve.api_keys_file={keys_file}",
+         "--set", "serve.max_ongoing_requests=2", "--set", "serve.max_queued_requests=2",
+         "--set", "serve.target_ongoing_requests=1", "--set", "serve.max_tokens_cap=256",
+         "--set", "serve.max_body_bytes=2000000", "--set", "serve.allowed_image_domains=[localhost]"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"jobs.serve exited with {process.returncode}:\n{(work / 'serve.log').read_text()[-6000:]}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"not ready after {DEPLOY_TIMEOUT_S}s:\n{(work / 'serve.log').read_text()[-6000:]}")
+        time.sleep(2)
+    yield base
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=120) == 0, (work / "serve.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    return openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEYS[1], max_retries=0, timeout=120)
+
+
+def still_answers(client) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert reply.choices[0].text is not None and reply.usage.completion_tokens >= 1
+
+
+def test_models_lists_the_served_name(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_with_an_image(client):
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(png_data_url()), max_tokens=12,
+                                           temperature=0)
+    assert reply.model == MODEL and reply.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(reply.choices[0].message.content, str) and reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 256, "the image's 256 soft tokens are in the prompt"
+
+
+def test_streamed_chat(client):
+    stream = client.chat.completions.create(model=MODEL, messages=image_message(png_data_url((300, 200))),
+                                            max_tokens=10, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 5 and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_named_tool_call_returns_json_arguments(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=200, temperature=0)
+    calls = reply.choices[0].message.tool_calls
+    assert calls and calls[0].type == "function" and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Rome")
+
+
+def test_required_and_auto_tool_choice(client):
+    required = client.chat.completions.create(
+        model=MODEL, messages=image_message(png_data_url(), "Weather where this was taken?"), tools=TOOLS,
+        tool_choice="required", max_tokens=200, temperature=0)
+    calls = required.choices[0].message.tool_calls
+    assert calls and all(c.function.name == "get_weather" for c in calls)
+    # Random weights may keep appending calls to the array until max_tokens; the complete ones parse.
+    assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Rome")
+    auto = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=TOOLS,
+                                          tool_choice="auto", max_tokens=8, temperature=0)
+    # Random weights rarely write "[get_weather(...)]": auto answers with text unless they do.
+    assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+
+
+ROUTES = [("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/chat/completions"),
+          ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
+          ("POST", "/v1/audio/transcriptions"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/docs")]
+
+
+def test_every_route_needs_a_valid_key(endpoint):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
+    for method, path in ROUTES:
+        for headers in ({}, {"Authorization": "Bearer not-a-key"}, {"Authorization": f"Basic {KEYS[0]}"}):
+            response = httpx.request(method, endpoint + path, headers=headers, json=body, timeout=30)
+            assert response.status_code == 401, (method, path, headers, response.text)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    for key in KEYS:
+        assert httpx.get(f"{endpoint}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_the_openai_client_sees_401s(endpoint):
+    # The SDK refuses to send no key at all; that case is covered over raw HTTP above.
+    bad = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.models.list()
+    assert info.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+def test_probes_are_open(endpoint):
+    assert httpx.get(f"{endpoint}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{endpoint}/ready").json() == {"status": "ready", "models": [MODEL]}
+    assert httpx.get(f"{endpoint}/-/healthz").status_code == 200
+
+
+BAD_INPUTS = [
+    pytest.param(dict(messages=[{"role": "user", "content": "word " * 500_000}]), None, "request_too_large",
+                 ["exceeds the limit of 2000000 bytes"], id="body-too-large"),
+    pytest.param(dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url((64, 64))}},
+        {"type": "image_url", "image_url": {"url": png_data_url((64, 64))}}, {"type": "text", "text": "?"}]}]),
+        "messages[0].content[1]", "too_many_images", ["2 images", "at most 1"], id="two-images"),
+    pytest.param(dict(messages=image_message("data:image/png;base64,iVBORw0KGgo!!!!")),
+                 "messages[0].content[0].image_url.url", "invalid_base64", ["not valid base64"], id="bad-base64"),
+    pytest.param(dict(messages=image_message("data:image/png;base64," + base64.b64encode(b"plain text, no image").decode())),
+                 "messages[0].content[0].image_url.url", "not_an_image", ["not an image"], id="not-an-image"),
+    pytest.param(dict(messages=image_message("https://images.example.com/cat.jpg")),
+                 "messages[0].content[0].image_url.url", "image_url_not_allowed", ["images.example.com"],
+                 id="host-not-allowed"),
+    pytest.param(dict(messages=image_message("http://localhost:1/cat.jpg")), "messages[0].content[0].image_url.url",
+                 "uri_not_allowed", ["resolves to", "loopback"], id="allowed-host-on-loopback"),
+    pytest.param(dict(messages=[{"role": "user", "content": "word " * 3000}]), "messages",
+                 "context_length_exceeded", ["maximum context length is 1024 tokens"], id="prompt-over-context"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], max_tokens=9000), "max_tokens",
+                 "max_tokens_exceeded", ["max_tokens 9000 exceeds the cap of 256"], id="max-tokens-over-cap"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], model="gpt-4o"), "model", "model_not_found",
+                 ["'gpt-4o' does not exist", MODEL], id="unknown-model"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], tool_choice="required"), "tool_choice",
+                 "invalid_value", ["`tools` must be set"], id="tool-choice-without-tools"),
+    pytest.param(dict(messages=[{"content": "no role"}]), "messages[0]", "invalid_value",
+                 ["role: Field required"], id="schema-violation"),
+]
+
+
+@pytest.mark.parametrize("request_fields, param, code, words", BAD_INPUTS)
+def test_bad_input_is_a_400_and_the_server_still_answers(client, request_fields, param, code, words):
+    fields = {"model": MODEL, "max_tokens": 4, **request_fields}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**fields)
+    error = info.value
+    assert (error.status_code, error.param, error.code) == (400, param, code), error.body
+    assert error.type == "invalid_request_error"
+    for word in words:
+        assert word in error.message, error.message
+    still_answers(client)
+
+
+def test_prompt_over_context_on_completions(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=4)
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    assert "1024 tokens" in info.value.message
+    still_answers(client)
+
+
+def test_overload_is_a_fast_503_then_the_server_recovers(client):
+    # 2 running + 2 queued are accepted; with 12 long requests at once the rest are refused at once.
+    def long_request(_):
+        try:
+            client.completions.create(model=MODEL, prompt="Count", max_tokens=256, extra_body={"ignore_eos": True})
+            return 200, None
+        except openai.APIStatusError as exc:
+            return exc.status_code, exc
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(long_request, range(12)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    assert set(statuses) <= {200, 503}, statuses
+    refused = next(exc for status, exc in results if status == 503)
+    assert refused.code == "overloaded" and "max_queued_requests=2" in refused.message
+    still_answers(client)

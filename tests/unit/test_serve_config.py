@@ -1,0 +1,104 @@
+"""The serve section of the config and what it maps to: engine arguments and Serve deployment options."""
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.engine import NO_MEDIA_DOMAIN, engine_kwargs, serving_engine_kwargs
+from pipeline.serve import ingress_deployment_config, llm_config_args
+from tests.conftest import TINY_CPU_CONFIG
+
+
+def test_serve_defaults_scale_and_bound_the_queue():
+    serve = PipelineConfig.load(environ={}).serve
+    assert serve.max_tokens_cap == 4096, "half of the default max_model_len of 8192"
+    assert serve.target_ongoing_requests < serve.max_ongoing_requests
+    assert serve.max_queued_requests >= 0 and serve.max_images_per_request == 1
+    assert serve.host == "127.0.0.1" and serve.tool_call_parser == "pythonic"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    pytest.param(["serve.max_tokens_cap=8192"], "serve.max_tokens_cap (8192) must be below engine.max_model_len (8192)",
+                 id="cap-vs-context"),
+    pytest.param(["serve.max_images_per_request=2"], "exceeds engine.max_images_per_prompt (1)", id="images-vs-engine"),
+    pytest.param(["serve.min_replicas=3", "serve.max_replicas=2"], "serve.min_replicas (3) exceeds", id="replicas"),
+    pytest.param(["serve.ingress_min_replicas=5"], "serve.ingress_min_replicas (5) exceeds", id="ingress-replicas"),
+    pytest.param(["serve.target_ongoing_requests=300"], "replicas would never look busy", id="target-vs-max"),
+    pytest.param(["serve.allowed_image_domains=[https://images.example.com/]"], "expected bare host names",
+                 id="domain-with-scheme"),
+    pytest.param(["serve.max_queued_requests=-1"], "serve.max_queued_requests", id="unbounded-queue"),
+    pytest.param(["serve.api_key=abc"], "serve.api_key: unknown field; allowed: host,", id="typo"),
+])
+def test_serve_config_errors(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        PipelineConfig.load(overrides=overrides, environ={})
+    assert expected in str(info.value)
+
+
+def test_allowed_domains_are_normalised():
+    config = PipelineConfig.load(overrides=["serve.allowed_image_domains=[Images.Example.COM., cdn.example.org]"],
+                                 environ={})
+    assert config.serve.allowed_image_domains == ["images.example.com", "cdn.example.org"]
+
+
+def test_serving_engine_kwargs_extend_the_shared_ones():
+    config = PipelineConfig.load(TINY_CPU_CONFIG, ["engine.chat_template=/t/gemma3-tools.jinja"], environ={})
+    shared, online = engine_kwargs(config), serving_engine_kwargs(config)
+    assert {k: online[k] for k in shared} == shared, "batch and online share every engine argument"
+    assert online["enable_auto_tool_choice"] is True and online["tool_call_parser"] == "pythonic"
+    assert online["chat_template"] == "/t/gemma3-tools.jinja"
+    assert online["override_generation_config"] == {"max_new_tokens": 512}
+    assert online["allowed_media_domains"] == [NO_MEDIA_DOMAIN]
+    assert online["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    plugin = PipelineConfig.load(TINY_CPU_CONFIG, ["serve.tool_call_parser=gemma3", "serve.tool_parser_plugin=/p.py"],
+                                 environ={})
+    assert serving_engine_kwargs(plugin)["tool_call_parser"] == "gemma3"
+    assert serving_engine_kwargs(plugin)["tool_parser_plugin"] == "/p.py"
+    no_tools = serving_engine_kwargs(PipelineConfig.load(TINY_CPU_CONFIG, ["serve.tool_call_parser=null"], environ={}))
+    assert "enable_auto_tool_choice" not in no_tools and "tool_call_parser" not in no_tools
+
+
+def test_llm_config_args_autoscale_and_bound_the_queue():
+    config = PipelineConfig.load(overrides=["serve.min_replicas=2", "serve.max_replicas=6",
+                                            "serve.target_ongoing_requests=40", "serve.max_ongoing_requests=128",
+                                            "serve.max_queued_requests=64", "engine.accelerator_type=L40S"],
+                                 environ={})
+    args = llm_config_args(config)
+    assert args["deployment_config"] == {
+        "autoscaling_config": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 6,
+                               "target_ongoing_requests": 40.0},
+        "max_ongoing_requests": 128, "max_queued_requests": 64}
+    assert args["model_loading_config"] == {"model_id": "gemma-3-12b-it",
+                                            "model_source": "RedHatAI/gemma-3-12b-it-FP8-dynamic"}
+    assert args["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
+    assert args["accelerator_type"] == "L40S" and "accelerator_config" not in args
+    assert ingress_deployment_config(config) == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64.0},
+        "ray_actor_options": {"num_cpus": 1.0}}
+
+
+def test_llm_config_args_cpu_and_s3():
+    config = PipelineConfig.load(TINY_CPU_CONFIG, ["model.source=s3://models/gemma-3-12b-it-fp8",
+                                                   "serve.min_replicas=0"], environ={})
+    args = llm_config_args(config)
+    assert args["accelerator_config"] == {"kind": "cpu"}
+    assert args["placement_group_config"]["bundles"] == [{"CPU": 1}]
+    assert args["model_loading_config"]["model_source"] == {"bucket_uri": "s3://models/gemma-3-12b-it-fp8"}
+    autoscaling = args["deployment_config"]["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["initial_replicas"]) == (0, 1)
+    assert args["runtime_env"] == {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+
+
+@pytest.mark.parametrize("name", ["serve-tiny-cpu.yaml", "serve.yaml"])
+def test_serve_config_files(name):
+    """The `serve run` / `serve deploy` files are valid Serve configs whose args load our config."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.conftest import ROOT
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / name).read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "pipeline.serve:app_builder" and app.route_prefix == "/"
+    assert set(app.args) == {"config", "set"}
+    config = PipelineConfig.load(ROOT / app.args["config"], app.args["set"], environ={})
+    assert config.model.served_name == "gemma-3-12b-it"
+    assert config.serve.target_ongoing_requests < config.serve.max_ongoing_requests
