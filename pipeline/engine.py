@@ -5,6 +5,7 @@ so context length, quantization, image limits and parallelism cannot drift apart
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
@@ -33,6 +34,24 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
     kwargs.update(engine.extra_engine_kwargs)
     return kwargs
+
+
+def tool_serving_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """vLLM server arguments for tool calling with the Gemma 3 parser and template (online only).
+
+    These are OpenAI-server (frontend) arguments, not engine arguments: the batch engine never takes
+    them (its tool calls are read by pipeline.tools in the engine stage). `tool_parser_plugin` serves
+    `vllm serve`; Ray Serve replicas find the parser through this package's vLLM plugin entry point.
+    """
+    from .tools.template import tool_template_path
+
+    plugin = Path(__file__).resolve().parent / "tools" / "vllm_plugin.py"
+    return {
+        "enable_auto_tool_choice": True,
+        "tool_call_parser": config.tools.parser,
+        "tool_parser_plugin": str(plugin),
+        "chat_template": str(tool_template_path(config.tools).resolve()),
+    }
 
 
 def workers_per_replica(config: PipelineConfig) -> int:
