@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -118,7 +119,11 @@ class Gemma3ToolParser(ToolParser):
         stops = self._stop_ids | set(getattr(request, "stop_token_ids", None) or [])
         if stops.intersection(delta_token_ids):
             return True
-        limit = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        limit = getattr(request, "max_completion_tokens", None)
+        if limit is None:
+            with warnings.catch_warnings():  # the deprecated field still carries the limit of older clients
+                warnings.simplefilter("ignore", DeprecationWarning)
+                limit = getattr(request, "max_tokens", None)
         return limit is not None and len(current_token_ids) >= limit
 
 
