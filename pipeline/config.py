@@ -273,6 +273,12 @@ class ToolsSection(_Section):
                                   "model gets an error result instead.")
     max_result_chars: int = Field(default=4000, ge=100, description="Tool results longer than this are cut "
                                   "before they go back to the model (they cost prompt tokens).")
+    compact_json: bool = Field(
+        default=True,
+        description="Forced calls (guided JSON) without optional whitespace: fewer tokens per call, and no "
+        "whitespace run until max_tokens, which a weak or random model can fall into. Sets vLLM's "
+        "structured_outputs_config (xgrammar backend) for batch and online alike.",
+    )
     chat_template: Optional[str] = Field(
         default=None,
         description="Jinja template for records with tools (and for the endpoint). None uses the packaged "

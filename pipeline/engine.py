@@ -32,6 +32,9 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    if config.tools.compact_json:
+        # Guided JSON (forced tool calls) without optional whitespace; only xgrammar and guidance honour it.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     kwargs.update(engine.extra_engine_kwargs)
     return kwargs
 
