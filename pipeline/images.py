@@ -86,9 +86,13 @@ def describe_image(data: bytes) -> dict:
     with Image.open(io.BytesIO(data)) as image:
         info = {"width": image.width, "height": image.height, "format": image.format, "mode": image.mode,
                 "size_bytes": len(data)}
-        exif = image.getexif()
-        fields = {**{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.items()},
-                  **{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.get_ifd(ExifTags.IFD.Exif).items()}}
+        try:
+            exif = image.getexif()
+            fields = {**{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.items()},
+                      **{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.get_ifd(ExifTags.IFD.Exif).items()}}
+        except Exception as exc:  # damaged EXIF in an image that decoded fine: describe it without
+            logger.debug("unreadable EXIF: %s", exc)
+            fields = {}
     selected = {name: _exif_value(fields[name]) for name in _EXIF_FIELDS if name in fields}
     if selected:
         info["exif"] = selected

@@ -240,11 +240,12 @@ def test_online_auto_mode_reads_gemma_style_calls(openai_client, stream):
     import re
 
     request = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
-                   tool_choice="auto", max_tokens=MAX_TOKENS, temperature=0,
+                   tool_choice="auto", max_tokens=200, temperature=0,
                    extra_body={"structured_outputs": {"regex": re.escape(GEMMA_STYLE)}})
     if not stream:
         response = openai_client.chat.completions.create(**request)
         message, finish = response.choices[0].message, response.choices[0].finish_reason
+        assert message.tool_calls, message.content
         content, calls = message.content, [(c.function.name, c.function.arguments) for c in message.tool_calls]
     else:
         content, calls, finish = "", [], None

@@ -192,3 +192,15 @@ def test_streaming_ends_at_max_tokens(plugin):
     first = parser.extract_tool_calls_streaming("", "Hi [get", "Hi [get", [], [7], [7], request)
     last = parser.extract_tool_calls_streaming("Hi [get", "Hi [get_we", "_we", [7], [7, 8], [8], request)
     assert first.content == "Hi" and last.content == " [get_we" and not last.tool_calls
+
+
+def test_vllm_finds_the_parser_through_the_plugin_entry_point():
+    """A fresh process, as a Ray Serve replica is: vLLM's general-plugin loading registers `gemma3`."""
+    import subprocess
+    import sys
+
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.tool_parsers.abstract_tool_parser import ToolParserManager; "
+            "print(ToolParserManager.get_tool_parser('gemma3').__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "Gemma3ToolParser", result.stderr[-2000:]

@@ -7,8 +7,9 @@ from pipeline.testing.tiny_gemma3 import CHAT_TEMPLATE as GEMMA3_TEMPLATE
 from pipeline.tools.parser import parse_tool_calls
 from pipeline.tools.template import load_tool_template, render_prompt
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+TOOLS = [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
          {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
 
 
