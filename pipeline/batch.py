@@ -4,6 +4,10 @@
                  -> ray.data.llm processor (chat template, tokenize, vLLM engine replicas)
                  -> FinalizeRows (one explicit schema) -> sharded parquet + manifest
 
+With tools (config tools.builtins, or an input `tools` column) the processor's chat-template and engine
+stages get the tool UDFs of pipeline.tools.ray_stages: tools rendered per record, calls read and checked,
+built-in tools run between rounds, all in the same engine replicas.
+
 `build_caption_dataset` returns the lazy dataset; `run_caption` executes it, writes the output and the
 manifest, and returns the manifest.
 """
@@ -21,7 +25,7 @@ import pyarrow.fs as pafs
 
 from . import records as R
 from .checkpoint import CheckpointError, CheckpointInfo, check_checkpoint, inspect_checkpoint, read_checkpoint_file
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
 from .images import ImageTarget, image_target
@@ -149,12 +153,38 @@ def _chat_template(config: PipelineConfig) -> Optional[str]:
     return Path(config.engine.chat_template).read_text()
 
 
+def tools_enabled(config: PipelineConfig, input_schema: pa.Schema) -> bool:
+    """Whether the job offers tools: built-ins configured, or records that bring their own."""
+    return bool(config.tools.builtins) or R.TOOLS in input_schema.names
+
+
+def check_tools(config: PipelineConfig) -> None:
+    """Fail before any GPU is taken when a lookup table cannot be read (it would fail every record)."""
+    if "lookup" not in config.tools.builtins:
+        return
+    from .tools.builtins import build_registry
+
+    try:
+        build_registry(config)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tools.tables: {exc}") from None
+
+
+def _tool_builder_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    from .tools.ray_stages import ToolChainSettings, stage_overrides
+    from .tools.template import load_tool_template
+
+    settings = ToolChainSettings(config=config, template=load_tool_template(config.tools))
+    return {"override_stage_config_fn": stage_overrides(settings)}
+
+
 def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelPlan):
     """The lazy dataset of output rows (nothing runs until it is written or iterated)."""
     import ray
     from ray.data.llm import build_processor
 
-    schema = R.output_schema(plan.schema, config.batch.passthrough_columns)
+    with_tools = tools_enabled(config, plan.schema)
+    schema = R.output_schema(plan.schema, config.batch.passthrough_columns, tools=with_tools)
     dataset = ray.data.read_parquet(plan.path, filesystem=plan.filesystem, include_paths=True)
     dataset = dataset.rename_columns({"path": R.SOURCE}) if "path" not in plan.schema.names else dataset
     if not pa.types.is_string(plan.schema.field(R.ID).type):
@@ -172,6 +202,7 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
         processor_config(config),
         preprocess=RequestBuilder(config, model.image_target.size_px, schema),
         postprocess=outputs,
+        builder_kwargs=_tool_builder_kwargs(config) if with_tools else None,
     )
     dataset = processor(dataset)
     return dataset.map_batches(FinalizeRows(outputs), batch_format="pyarrow"), schema
@@ -187,6 +218,7 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
     started = time.time()
     config = config.with_absolute_paths()
     model = plan_model(config)
+    check_tools(config)
     out_fs, out_path = make_filesystem(config.storage, output_uri)
     _prepare_output(config, out_fs, out_path, output_uri, overwrite)
     init_ray(config)

@@ -327,24 +327,6 @@ class ServeSection(_Section):
         "and the limit when a request sets none. Bounds the time one request holds a batch slot. None "
         "means half of engine.max_model_len (4096 for the default 8192).",
     )
-    tool_call_parser: Optional[str] = Field(
-        default="pythonic",
-        description="vLLM tool-call parser for tools/tool_choice (auto, required, named). 'pythonic' "
-        "reads Gemma 3's [fn(arg=...)] calls; a plugin parser (tool_parser_plugin) can replace it. "
-        "None disables tool calling.",
-    )
-    compact_guided_json: bool = Field(
-        default=True,
-        description="Guided JSON (named or required tool_choice, response_format) without free whitespace, "
-        "on vLLM's xgrammar backend. Without it a weak model can emit newlines between JSON tokens until "
-        "max_tokens and return truncated arguments; the price is xgrammar only (no fallback to another "
-        "backend for schema features it lacks).",
-    )
-    tool_parser_plugin: Optional[str] = Field(
-        default=None,
-        description="Path of a Python file registering a vLLM tool parser (vLLM's --tool-parser-plugin).",
-    )
-
     @field_validator("allowed_image_domains")
     @classmethod
     def _bare_host_names(cls, domains: list[str]) -> list[str]:
@@ -352,6 +334,67 @@ class ServeSection(_Section):
             if not domain or "/" in domain or ":" in domain:
                 raise ValueError(f"expected bare host names such as images.example.com, got {domain!r}")
         return [d.lower().rstrip(".") for d in domains]
+BuiltinTool = Literal["calculate", "lookup", "image_metadata"]
+
+
+class TableSection(_Section):
+    path: str = Field(description="A parquet or CSV file (by extension), local or s3://, read once per engine "
+                      "replica: keep it small enough for memory.")
+    key_column: str = Field(description="Column the `lookup` tool matches keys against (compared as text).")
+    description: str = Field(default="", description="What the table holds, shown to the model.")
+
+
+class ToolsSection(_Section):
+    builtins: list[BuiltinTool] = Field(
+        default_factory=list,
+        description="Built-in tools offered to every record and run by the pipeline between rounds: "
+        "'calculate' (exact arithmetic on fractions), 'lookup' (a row of a table in `tables`), "
+        "'image_metadata' (size, format and EXIF of the record's original image). Empty: only records "
+        "with a `tools` column get tools, and their calls are returned, not run.",
+    )
+    tables: dict[str, TableSection] = Field(
+        default_factory=dict, description="Tables the `lookup` tool may read, by the name the model uses.")
+    tool_choice: str = Field(
+        default="auto",
+        description="For records without a `tool_choice` value: 'auto' (the model decides), 'none', "
+        "'required' (at least one call, forced by guided decoding) or a tool name (that call, forced). "
+        "Forcing applies to the first round only; later rounds are 'auto'.",
+    )
+    max_rounds: int = Field(
+        default=1, ge=1, le=16,
+        description="Model turns per record. 1 returns the calls; N runs the pipeline's tools and lets the "
+        "model continue, up to N turns. Each round is another prefill of the whole conversation (the "
+        "prefix cache makes it cheap) and holds the record in the engine replica longer.",
+    )
+    tool_timeout_s: float = Field(default=10.0, gt=0, description="Longest one tool call may run; then the "
+                                  "model gets an error result instead.")
+    max_result_chars: int = Field(default=4000, ge=100, description="Tool results longer than this are cut "
+                                  "before they go back to the model (they cost prompt tokens).")
+    compact_json: bool = Field(
+        default=True,
+        description="Forced calls (guided JSON) without optional whitespace: fewer tokens per call, and no "
+        "whitespace run until max_tokens, which a weak or random model can fall into. Sets vLLM's "
+        "structured_outputs_config (xgrammar backend) for batch and online alike.",
+    )
+    chat_template: Optional[str] = Field(
+        default=None,
+        description="Jinja template for records with tools (and for the endpoint). None uses the packaged "
+        "pipeline/templates/gemma3_tools.jinja, which renders records without tools exactly as Gemma 3's "
+        "own template does.",
+    )
+    parser: str = Field(
+        default="gemma3",
+        description="vLLM tool parser name for the endpoint. 'gemma3' is this package's plugin "
+        "(pipeline.tools.vllm_plugin), which reads the same calls as the batch job does.",
+    )
+
+    @model_validator(mode="after")
+    def _tables_for_lookup(self) -> "ToolsSection":
+        if "lookup" in self.builtins and not self.tables:
+            raise ValueError("tools.builtins has 'lookup' but tools.tables is empty")
+        if len(set(self.builtins)) != len(self.builtins):
+            raise ValueError(f"tools.builtins lists a tool twice: {self.builtins}")
+        return self
 
 
 class RuntimeSection(_Section):
@@ -373,7 +416,7 @@ class RuntimeSection(_Section):
 
 class PipelineConfig(_Section):
     """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, serve,
-    runtime."""
+    tools, runtime."""
 
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -383,6 +426,7 @@ class PipelineConfig(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     batch: BatchSection = Field(default_factory=BatchSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    tools: ToolsSection = Field(default_factory=ToolsSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @model_validator(mode="after")
@@ -462,7 +506,13 @@ class PipelineConfig(_Section):
             model = model.model_copy(update={"source": str(Path(model.source).resolve())})
         if engine.chat_template and Path(engine.chat_template).exists():
             engine = engine.model_copy(update={"chat_template": str(Path(engine.chat_template).resolve())})
-        return self.model_copy(update={"model": model, "engine": engine})
+        tools = self.tools
+        if tools.chat_template and Path(tools.chat_template).exists():
+            tools = tools.model_copy(update={"chat_template": str(Path(tools.chat_template).resolve())})
+        tables = {name: table.model_copy(update={"path": str(Path(table.path).resolve())})
+                  if Path(table.path).exists() else table for name, table in tools.tables.items()}
+        tools = tools.model_copy(update={"tables": tables})
+        return self.model_copy(update={"model": model, "engine": engine, "tools": tools})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -5,6 +5,7 @@ so context length, quantization, image limits and parallelism cannot drift apart
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
@@ -37,8 +38,29 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
     if engine.normalize_images_on_device:
         # Registered by our vLLM plugin (entry point in pyproject.toml) in every vLLM process.
         kwargs["hf_overrides"] = {"architectures": [GEMMA3_FAST_IMAGES]}
+    if config.tools.compact_json:
+        # Guided JSON (forced tool calls) without optional whitespace; only xgrammar and guidance honour it.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     kwargs.update(engine.extra_engine_kwargs)
     return kwargs
+
+
+def tool_serving_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """vLLM server arguments for tool calling with the Gemma 3 parser and template (online only).
+
+    These are OpenAI-server (frontend) arguments, not engine arguments: the batch engine never takes
+    them (its tool calls are read by pipeline.tools in the engine stage). `tool_parser_plugin` serves
+    `vllm serve`; Ray Serve replicas find the parser through this package's vLLM plugin entry point.
+    """
+    from .tools.template import tool_template_path
+
+    plugin = Path(__file__).resolve().parent / "tools" / "vllm_plugin.py"
+    return {
+        "enable_auto_tool_choice": True,
+        "tool_call_parser": config.tools.parser,
+        "tool_parser_plugin": str(plugin),
+        "chat_template": str(tool_template_path(config.tools).resolve()),
+    }
 
 
 def workers_per_replica(config: PipelineConfig) -> int:
@@ -71,28 +93,22 @@ NO_MEDIA_DOMAIN = "media-fetching-disabled.invalid"
 def serving_engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
     """`engine_kwargs` plus what only the online endpoint needs: tool calling, chat template, caps.
 
-    - Tool calls: vLLM's `enable_auto_tool_choice` + `tool_call_parser` (serve.tool_call_parser; the
-      Gemma 3 parser plugin can replace `pythonic` through serve.tool_parser_plugin).
+    - Tool calls: the Gemma 3 parser and template (`tool_serving_kwargs`, config.tools), the same ones
+      the batch job reads its calls with, so batch and online agree. Guided JSON is compact for both
+      (config.tools.compact_json, set in `engine_kwargs`).
+    - `engine.chat_template`, when set, replaces the tool template for every request.
     - `override_generation_config.max_new_tokens` makes serve.max_tokens_cap a server-wide limit, so a
       request that sets no max_tokens is capped too (vLLM takes the minimum).
-    - `structured_outputs_config`: compact guided JSON (serve.compact_guided_json), so tool arguments
-      cannot drown in whitespace.
     - `allowed_media_domains`: the ingress fetches allow-listed images itself and passes them on as
       data: URLs, so the engine is told to fetch from no domain at all (defence in depth).
     """
     serve = config.serve
     kwargs = engine_kwargs(config)
-    if serve.tool_call_parser:
-        kwargs["enable_auto_tool_choice"] = True
-        kwargs["tool_call_parser"] = serve.tool_call_parser
-    if serve.tool_parser_plugin:
-        kwargs["tool_parser_plugin"] = serve.tool_parser_plugin
+    kwargs.update(tool_serving_kwargs(config))
     if config.engine.chat_template:
         kwargs["chat_template"] = config.engine.chat_template
     generation = dict(kwargs.get("override_generation_config") or {})
     generation["max_new_tokens"] = min(generation.get("max_new_tokens", serve.max_tokens_cap), serve.max_tokens_cap)
     kwargs["override_generation_config"] = generation
-    if serve.compact_guided_json:
-        kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
     kwargs.setdefault("allowed_media_domains", [NO_MEDIA_DOMAIN])
     return kwargs

@@ -7,6 +7,7 @@ the one output schema.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
@@ -14,6 +15,8 @@ from PIL import Image
 
 from . import records as R
 from .config import PipelineConfig
+from .tools.builtins import builtin_definitions
+from .tools.request import ToolRequestError, build_tool_request
 
 # Ray's per-row error marker (ray.llm._internal.batch.stages.base); a non-empty value makes every
 # later stage of the processor skip the row.
@@ -25,7 +28,11 @@ PASSTHROUGH = "_passthrough"
 
 
 class RequestBuilder:
-    """Processor preprocess: a prepared record -> OpenAI-style messages and sampling parameters."""
+    """Processor preprocess: a prepared record -> OpenAI-style messages and sampling parameters.
+
+    In a job with tools (the output schema has the tool columns) it also resolves the record's tools
+    and tool choice into R.TOOL_REQUEST, or makes the record an `invalid_tools` error row.
+    """
 
     def __init__(self, config: PipelineConfig, image_side_px: int, schema: pa.Schema):
         self.default_prompt = config.batch.default_prompt
@@ -33,6 +40,9 @@ class RequestBuilder:
         self.sampling = config.sampling.to_vllm()
         self.image_side_px = image_side_px
         self.passthrough = [n for n in schema.names if n not in R.OUTPUT_NAMES]
+        self.tools_enabled = R.TOOL_CALLS in schema.names
+        self.builtin_tools = builtin_definitions(config.tools)
+        self.default_tool_choice = config.tools.tool_choice
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         prompt = row.get(R.PROMPT) or self.default_prompt
@@ -41,6 +51,15 @@ class RequestBuilder:
             kept[R.PROMPT] = prompt
         if row.get(R.ROW_ERROR):
             return {INFERENCE_ERROR: row[R.ROW_ERROR], PASSTHROUGH: kept}
+        tools: dict[str, Any] = {}
+        if self.tools_enabled:
+            try:
+                request = build_tool_request(row.get(R.TOOLS), row.get(R.TOOL_CHOICE), self.builtin_tools,
+                                             self.default_tool_choice)
+            except ToolRequestError as exc:
+                error = R.RecordError(R.ErrorKind.INVALID_TOOLS, str(exc), R.Stage.VALIDATE).as_columns()
+                return {INFERENCE_ERROR: error[R.ROW_ERROR], **error, R.PIXELS: None, PASSTHROUGH: kept}
+            tools[R.TOOL_REQUEST] = request.to_json() if request is not None else None
         side = self.image_side_px
         image = Image.frombuffer("RGB", (side, side), row[R.PIXELS], "raw", "RGB", 0, 1)
         system = row.get(R.SYSTEM) or self.default_system
@@ -50,7 +69,8 @@ class RequestBuilder:
             {"type": "text", "text": prompt},
         ]})
         # The pixels now live in the PIL image; drop the bytes so later stages do not carry them twice.
-        return {"messages": messages, "sampling_params": dict(self.sampling), R.PIXELS: None, PASSTHROUGH: kept}
+        return {"messages": messages, "sampling_params": dict(self.sampling), R.PIXELS: None, PASSTHROUGH: kept,
+                **tools}
 
 
 class OutputBuilder:
@@ -62,6 +82,7 @@ class OutputBuilder:
         self.stop_token_ids = frozenset(stop_token_ids)
         self.schema = schema
         self.passthrough = [n for n in schema.names if n not in R.OUTPUT_NAMES]
+        self.tools_enabled = R.TOOL_CALLS in schema.names
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         kept = data.get(PASSTHROUGH) or {}
@@ -69,18 +90,33 @@ class OutputBuilder:
         row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE), R.MODEL: self.model_name,
                     R.TEXT: None, R.FINISH_REASON: None, R.PROMPT_TOKENS: None, R.COMPLETION_TOKENS: None,
                     R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None})
+        outcome = json.loads(data[R.TOOL_OUTCOME]) if data.get(R.TOOL_OUTCOME) else None
+        if self.tools_enabled:
+            row.update({R.TOOL_CALLS: None,
+                        R.TRANSCRIPT: json.dumps(outcome["messages"], ensure_ascii=False) if outcome else None})
         if data.get(R.ROW_ERROR):
             row.update({R.ERROR: data[R.ROW_ERROR], R.ERROR_KIND: data.get(R.ROW_ERROR_KIND),
                         R.ERROR_STAGE: data.get(R.ROW_ERROR_STAGE)})
         elif data.get(INFERENCE_ERROR):
             row.update({R.ERROR: f"{R.ErrorKind.ENGINE_ERROR.value}: {data[INFERENCE_ERROR]}"[:2000],
                         R.ERROR_KIND: R.ErrorKind.ENGINE_ERROR.value, R.ERROR_STAGE: R.Stage.ENGINE.value})
+        elif outcome is not None and outcome["error"]:
+            kind = R.ErrorKind.INVALID_TOOL_CALL.value
+            row.update({R.ERROR: f"{kind}: round {outcome['rounds']}: {outcome['error']}"[:2000],
+                        R.ERROR_KIND: kind, R.ERROR_STAGE: R.Stage.TOOLS.value})
         else:
             tokens = list(data.get("generated_tokens") or [])
             row.update({R.TEXT: data.get("generated_text", ""),
                         R.PROMPT_TOKENS: data.get("num_input_tokens"),
                         R.COMPLETION_TOKENS: data.get("num_generated_tokens", len(tokens)),
                         R.FINISH_REASON: self.finish_reason(tokens)})
+            if outcome is not None:
+                # The text around the calls (None when the turn was only calls), as the endpoint's
+                # message.content; the finish reason of a turn that ends in calls, as OpenAI's.
+                row.update({R.TEXT: outcome["content"],
+                            R.TOOL_CALLS: json.dumps(outcome["tool_calls"], ensure_ascii=False)})
+                if outcome["tool_calls"]:
+                    row[R.FINISH_REASON] = "tool_calls"
         return row
 
     def finish_reason(self, tokens: list[int]) -> str:
@@ -101,7 +137,7 @@ class FinalizeRows:
     def __init__(self, builder: OutputBuilder):
         self.builder = builder
         self.keep = set(builder.schema.names) | {
-            INFERENCE_ERROR, PASSTHROUGH, R.ROW_ERROR, R.ROW_ERROR_KIND, R.ROW_ERROR_STAGE}
+            INFERENCE_ERROR, PASSTHROUGH, R.ROW_ERROR, R.ROW_ERROR_KIND, R.ROW_ERROR_STAGE, R.TOOL_OUTCOME}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = [c for c in batch.column_names if c in self.keep]

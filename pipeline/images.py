@@ -70,6 +70,48 @@ def prepare_image(data: bytes, limits: ImageSection, target: ImageTarget) -> Ima
     return image
 
 
+# EXIF fields worth telling a model about (IFD0 and the Exif sub-IFD), by Pillow's tag name.
+_EXIF_FIELDS = ("Make", "Model", "DateTime", "DateTimeOriginal", "Orientation", "Software", "Artist",
+                "Copyright", "ExposureTime", "FNumber", "ISOSpeedRatings", "FocalLength", "LensModel")
+
+
+def describe_image(data: bytes) -> dict:
+    """Size, format, mode, byte count and selected EXIF fields of encoded image bytes, from the header.
+
+    For the image_metadata tool: the model sees the prepared 896 x 896 pixels, never the stored file's
+    size, format or camera. Call it on bytes that prepare_image accepted; it decodes no pixels.
+    """
+    from PIL import ExifTags
+
+    with Image.open(io.BytesIO(data)) as image:
+        info = {"width": image.width, "height": image.height, "format": image.format, "mode": image.mode,
+                "size_bytes": len(data)}
+        try:
+            exif = image.getexif()
+            fields = {**{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.items()},
+                      **{ExifTags.TAGS.get(k, str(k)): v for k, v in exif.get_ifd(ExifTags.IFD.Exif).items()}}
+        except Exception as exc:  # damaged EXIF in an image that decoded fine: describe it without
+            logger.debug("unreadable EXIF: %s", exc)
+            fields = {}
+    selected = {name: _exif_value(fields[name]) for name in _EXIF_FIELDS if name in fields}
+    if selected:
+        info["exif"] = selected
+    return info
+
+
+def _exif_value(value) -> object:
+    if isinstance(value, bytes):
+        value = value[:64].decode("ascii", "replace")
+    if isinstance(value, str):
+        return value.strip("\x00 ")
+    if isinstance(value, int):
+        return value
+    try:
+        return float(value)  # IFDRational and friends
+    except (TypeError, ValueError, ZeroDivisionError):
+        return str(value)[:64]
+
+
 def _open(data: bytes, limits: ImageSection) -> Image.Image:
     """Identify the format and size from the header only; refuse before decoding any pixels."""
     try:

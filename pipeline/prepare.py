@@ -6,6 +6,7 @@ untouched until it is written as an error row.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -15,13 +16,15 @@ import pyarrow as pa
 from . import records as R
 from .config import PipelineConfig
 from .fetch import Fetcher
-from .images import ImageTarget, prepare_image
+from .images import ImageTarget, describe_image, prepare_image
 
 logger = logging.getLogger(__name__)
 
 # Columns this stage reads and writes, like Ray's get_required_input_keys().
 READS = (R.ID, R.IMAGE, R.IMAGE_URI, R.PROMPT, R.SYSTEM)
 WRITES = (R.PIXELS, R.ROW_ERROR, R.ROW_ERROR_KIND, R.ROW_ERROR_STAGE)
+# Written only when the image_metadata tool is configured: what the stored file was (size, format, EXIF).
+WRITES_FOR_TOOLS = (R.IMAGE_INFO,)
 
 
 class PrepareRecords:
@@ -32,21 +35,25 @@ class PrepareRecords:
         self.target = target
         self.duplicate_ids = duplicate_ids
         self.fetcher = Fetcher(config.fetch, config.storage, max_bytes=config.images.max_bytes)
+        self.describe = "image_metadata" in config.tools.builtins
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
         present = [c for c in READS if c in batch.column_names]
         rows = batch.select(present).to_pylist()
         pixels: list[bytes | None] = []
+        infos: list[str | None] = []
         errors: dict[str, list[str | None]] = {c: [] for c in WRITES[1:]}
         for row in rows:
             try:
-                image = self.prepare_one(row)
+                image, data = self.prepare_one(row)
                 pixels.append(image.tobytes())
+                infos.append(json.dumps(describe_image(data), default=str) if self.describe else None)
                 for column in errors:
                     errors[column].append(None)
             except R.RecordError as exc:
                 pixels.append(None)
+                infos.append(None)
                 for column, value in exc.as_columns().items():
                     errors[column].append(value)
         if R.IMAGE in batch.column_names:
@@ -54,13 +61,16 @@ class PrepareRecords:
         batch = batch.append_column(R.PIXELS, pa.array(pixels, type=pa.large_binary()))
         for column, values in errors.items():
             batch = batch.append_column(column, pa.array(values, type=pa.string()))
+        if self.describe:
+            batch = batch.append_column(R.IMAGE_INFO, pa.array(infos, type=pa.string()))
         failed = sum(v is not None for v in errors[R.ROW_ERROR])
         logger.info("prepared %d records (%d errors) in %.2fs", len(rows), failed, time.perf_counter() - started)
         return batch
 
     def prepare_one(self, row: dict[str, Any]):
+        """(the prepared image, the encoded bytes it came from)."""
         R.validate_record(row, self.duplicate_ids)
         data = row.get(R.IMAGE)
         if data is None:
             data = self.fetcher.fetch(row[R.IMAGE_URI])
-        return prepare_image(data, self.config.images, self.target)
+        return prepare_image(data, self.config.images, self.target), data

@@ -19,7 +19,11 @@ IMAGE = "image"
 IMAGE_URI = "image_uri"
 PROMPT = "prompt"
 SYSTEM = "system"
-INPUT_COLUMNS = (ID, IMAGE, IMAGE_URI, PROMPT, SYSTEM)
+# Optional, for tool calling: a JSON list of OpenAI tool definitions, and "auto" | "none" | "required" |
+# a tool name.
+TOOLS = "tools"
+TOOL_CHOICE = "tool_choice"
+INPUT_COLUMNS = (ID, IMAGE, IMAGE_URI, PROMPT, SYSTEM, TOOLS, TOOL_CHOICE)
 
 # Output columns.
 TEXT = "text"
@@ -46,7 +50,13 @@ OUTPUT_FIELDS = [
     pa.field(ERROR_STAGE, pa.string()),
     pa.field(SOURCE, pa.string()),
 ]
-OUTPUT_NAMES = frozenset(f.name for f in OUTPUT_FIELDS)
+# Written only by jobs that offer tools (config tools.builtins, or an input `tools` column); null on rows
+# without tools. Both hold JSON: the calls of the model's last turn that the pipeline did not run, as
+# [{"name", "arguments"}], and the whole conversation in OpenAI message format.
+TOOL_CALLS = "tool_calls"
+TRANSCRIPT = "transcript"
+TOOL_FIELDS = [pa.field(TOOL_CALLS, pa.string()), pa.field(TRANSCRIPT, pa.string())]
+OUTPUT_NAMES = frozenset(f.name for f in OUTPUT_FIELDS + TOOL_FIELDS)
 
 # Working columns carried between our stages (never written).
 PIXELS = "_pixels"          # raw RGB bytes of the prepared image
@@ -54,6 +64,9 @@ PIXELS_SIZE = "_pixels_size"  # [width, height]
 ROW_ERROR = "_error"
 ROW_ERROR_KIND = "_error_kind"
 ROW_ERROR_STAGE = "_error_stage"
+IMAGE_INFO = "_image_info"      # JSON: the original image's size, format and EXIF (image_metadata tool)
+TOOL_REQUEST = "_tool_request"  # JSON: the tools and tool choice of this record (pipeline.tools.request)
+TOOL_OUTCOME = "_tool_outcome"  # JSON: the record's tool chain, from the engine stage (pipeline.tools.chain)
 
 
 class Stage(str, enum.Enum):
@@ -61,6 +74,7 @@ class Stage(str, enum.Enum):
     FETCH = "fetch"
     IMAGE = "image"
     ENGINE = "engine"
+    TOOLS = "tools"
 
 
 class ErrorKind(str, enum.Enum):
@@ -78,6 +92,8 @@ class ErrorKind(str, enum.Enum):
     NOT_FOUND = "not_found"                      # the URI names nothing (404, NoSuchKey, ENOENT)
     UNREACHABLE = "unreachable"                  # DNS failure, refused connection, timeout, 5xx
     ENGINE_ERROR = "engine_error"                # the engine refused or failed this request
+    INVALID_TOOLS = "invalid_tools"              # the record's tools or tool_choice cannot be used
+    INVALID_TOOL_CALL = "invalid_tool_call"      # the model's call is unreadable, unknown or mistyped
 
 
 class RecordError(Exception):
@@ -97,8 +113,10 @@ class RecordError(Exception):
         }
 
 
-def output_schema(input_schema: pa.Schema, passthrough: Optional[Iterable[str]] = None) -> pa.Schema:
-    """The output schema: our fields, then the passed-through input columns with their own types.
+def output_schema(input_schema: pa.Schema, passthrough: Optional[Iterable[str]] = None,
+                  tools: bool = False) -> pa.Schema:
+    """The output schema: our fields (with the tool fields when `tools`), then the passed-through input
+    columns with their own types.
 
     Passed-through columns keep their input types so that a reader of the input can read the output
     the same way. `image` bytes never pass through: writing every image back would double storage.
@@ -106,7 +124,7 @@ def output_schema(input_schema: pa.Schema, passthrough: Optional[Iterable[str]] 
     names = list(passthrough) if passthrough is not None else [
         n for n in input_schema.names if n not in (ID, IMAGE)
     ]
-    fields = list(OUTPUT_FIELDS)
+    fields = list(OUTPUT_FIELDS) + (list(TOOL_FIELDS) if tools else [])
     for name in names:
         if name in OUTPUT_NAMES or name == IMAGE or name.startswith("_"):
             continue
@@ -126,7 +144,9 @@ def check_input_schema(schema: pa.Schema) -> list[str]:
     expected = {IMAGE: (pa.types.is_binary, pa.types.is_large_binary),
                 IMAGE_URI: (pa.types.is_string, pa.types.is_large_string),
                 PROMPT: (pa.types.is_string, pa.types.is_large_string),
-                SYSTEM: (pa.types.is_string, pa.types.is_large_string)}
+                SYSTEM: (pa.types.is_string, pa.types.is_large_string),
+                TOOLS: (pa.types.is_string, pa.types.is_large_string),
+                TOOL_CHOICE: (pa.types.is_string, pa.types.is_large_string)}
     for name, checks in expected.items():
         if name in schema.names and not any(check(schema.field(name).type) for check in checks) \
                 and not pa.types.is_null(schema.field(name).type):
@@ -151,7 +171,7 @@ def validate_record(row: dict[str, Any], duplicate_ids: frozenset[str]) -> None:
     if image is None and (uri is None or not str(uri).strip()):
         raise RecordError(ErrorKind.MISSING_IMAGE, f"record has neither {IMAGE!r} nor {IMAGE_URI!r}",
                           Stage.VALIDATE)
-    for name in (PROMPT, SYSTEM):
+    for name in (PROMPT, SYSTEM, TOOLS, TOOL_CHOICE):
         value = row.get(name)
         if value is not None and not isinstance(value, str):
             raise RecordError(ErrorKind.INVALID_RECORD, f"{name!r} must be a string", Stage.VALIDATE)

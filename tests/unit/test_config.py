@@ -76,3 +76,29 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "out.yaml"
     path.write_text(config.to_yaml())
     assert PipelineConfig.load(path, environ={}) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["tools.builtins=[shell]"], "tools.builtins.0: Input should be 'calculate', 'lookup' or "
+                 "'image_metadata'", id="unknown-builtin"),
+    pytest.param(["tools.builtins=[lookup]"], "tools.builtins has 'lookup' but tools.tables is empty",
+                 id="lookup-without-tables"),
+    pytest.param(["tools.max_rounds=0"], "tools.max_rounds: Input should be greater than or equal to 1",
+                 id="no-rounds"),
+])
+def test_tools_section_is_checked(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.load(overrides=overrides, environ={})
+    assert message in str(caught.value)
+
+
+def test_endpoint_tool_arguments_name_the_plugin_and_template():
+    from pathlib import Path
+
+    from pipeline.engine import tool_serving_kwargs
+
+    kwargs = tool_serving_kwargs(PipelineConfig.load(environ={}))
+    assert kwargs["enable_auto_tool_choice"] and kwargs["tool_call_parser"] == "gemma3"
+    assert Path(kwargs["tool_parser_plugin"]).name == "vllm_plugin.py" and Path(kwargs["tool_parser_plugin"]).exists()
+    assert Path(kwargs["chat_template"]).name == "gemma3_tools.jinja" and Path(kwargs["chat_template"]).exists()
+    assert not set(kwargs) & set(engine_kwargs(PipelineConfig.load(environ={}))), "never batch engine args"

@@ -61,3 +61,64 @@ def test_finalize_gives_one_schema_to_mixed_rows():
     assert out.schema == SCHEMA
     assert out.column(R.ERROR_KIND).to_pylist() == [None, "empty_image"]
     assert out.column("label").to_pylist() == [None, 3]
+
+
+# ------------------------------------------------------------------------------------- jobs with tools
+TOOL_CONFIG = PipelineConfig.load(overrides=["tools.builtins=[calculate]", "sampling.max_tokens=4"], environ={})
+TOOL_SCHEMA = R.output_schema(pa.schema([("id", pa.string()), ("image", pa.binary()), ("tools", pa.string()),
+                                         ("tool_choice", pa.string())]), tools=True)
+WEATHER = ('[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", '
+           '"properties": {"city": {"type": "string"}}}}}]')
+
+
+def test_tool_columns_only_in_jobs_with_tools():
+    assert R.TOOL_CALLS not in SCHEMA.names and R.TRANSCRIPT not in SCHEMA.names
+    assert TOOL_SCHEMA.names[-4:] == ["tool_calls", "transcript", "tools", "tool_choice"]
+
+
+def test_request_carries_the_records_tools():
+    import json
+
+    pixels = Image.new("RGB", (8, 8)).tobytes()
+    build = RequestBuilder(TOOL_CONFIG, 8, TOOL_SCHEMA)
+    request = build({"id": "a", R.PIXELS: pixels, "tools": WEATHER, "tool_choice": "get_weather"})
+    tools = json.loads(request[R.TOOL_REQUEST])
+    assert [t["function"]["name"] for t in tools["tools"]] == ["calculate", "get_weather"]
+    assert tools["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert request[PASSTHROUGH] == {"tools": WEATHER, "tool_choice": "get_weather"}
+    bad = build({"id": "b", R.PIXELS: pixels, "tools": "[{", "tool_choice": None})
+    assert bad[INFERENCE_ERROR].startswith("invalid_tools: 'tools' is not valid JSON")
+    assert (bad[R.ROW_ERROR_KIND], bad[R.ROW_ERROR_STAGE], bad[R.PIXELS]) == ("invalid_tools", "validate", None)
+    plain = RequestBuilder(CONFIG, 8, SCHEMA)({"id": "c", R.PIXELS: pixels})
+    assert R.TOOL_REQUEST not in plain, "a job without tools builds exactly the requests it built before"
+
+
+def _outcome(**fields):
+    import json
+
+    return json.dumps({"content": None, "tool_calls": [], "error": None, "rounds": 1,
+                       "messages": [{"role": "user", "content": "q"}], **fields})
+
+
+def test_outputs_of_tool_chains():
+    import json
+
+    build = OutputBuilder(TOOL_CONFIG, TOOL_SCHEMA, stop_token_ids=[1])
+    engine = {"generated_text": '[get_weather(city="x")]', "num_input_tokens": 300, "num_generated_tokens": 9,
+              "generated_tokens": [5, 1]}
+    pending = build({"id": "a", **engine, R.TOOL_OUTCOME: _outcome(
+        tool_calls=[{"name": "get_weather", "arguments": {"city": "x"}}])})
+    assert pending[R.TEXT] is None and pending[R.FINISH_REASON] == "tool_calls" and pending[R.ERROR] is None
+    assert json.loads(pending[R.TOOL_CALLS]) == [{"name": "get_weather", "arguments": {"city": "x"}}]
+    assert json.loads(pending[R.TRANSCRIPT]) == [{"role": "user", "content": "q"}]
+    answered = build({"id": "b", **engine, R.TOOL_OUTCOME: _outcome(content="It is 4.", rounds=2)})
+    assert (answered[R.TEXT], answered[R.TOOL_CALLS], answered[R.FINISH_REASON]) == ("It is 4.", "[]", "stop")
+    invalid = build({"id": "c", **engine, R.TOOL_OUTCOME: _outcome(error="call 1 (f): unknown tool 'f'")})
+    assert invalid[R.ERROR] == "invalid_tool_call: round 1: call 1 (f): unknown tool 'f'"
+    assert (invalid[R.ERROR_KIND], invalid[R.ERROR_STAGE], invalid[R.TEXT]) == ("invalid_tool_call", "tools", None)
+    assert invalid[R.TRANSCRIPT] is not None, "the transcript shows what the model wrote"
+    failed = build({"id": "d", INFERENCE_ERROR: "ValueError: too long", R.TOOL_OUTCOME: _outcome(rounds=2)})
+    assert failed[R.ERROR_KIND] == "engine_error" and failed[R.TRANSCRIPT] is not None
+    plain = build({"id": "e", "generated_text": "a cat", "num_input_tokens": 3, "num_generated_tokens": 1,
+                   "generated_tokens": [1]})
+    assert (plain[R.TEXT], plain[R.TOOL_CALLS], plain[R.TRANSCRIPT]) == ("a cat", None, None)

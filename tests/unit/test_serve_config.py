@@ -12,7 +12,7 @@ def test_serve_defaults_scale_and_bound_the_queue():
     assert serve.max_tokens_cap == 4096, "half of the default max_model_len of 8192"
     assert serve.target_ongoing_requests < serve.max_ongoing_requests
     assert serve.max_queued_requests >= 0 and serve.max_images_per_request == 1
-    assert serve.host == "127.0.0.1" and serve.tool_call_parser == "pythonic"
+    assert serve.host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -43,17 +43,14 @@ def test_serving_engine_kwargs_extend_the_shared_ones():
     config = PipelineConfig.load(TINY_CPU_CONFIG, ["engine.chat_template=/t/gemma3-tools.jinja"], environ={})
     shared, online = engine_kwargs(config), serving_engine_kwargs(config)
     assert {k: online[k] for k in shared} == shared, "batch and online share every engine argument"
-    assert online["enable_auto_tool_choice"] is True and online["tool_call_parser"] == "pythonic"
+    # Tools online use the batch job's Gemma 3 parser; engine.chat_template overrides the tool template.
+    assert online["enable_auto_tool_choice"] is True and online["tool_call_parser"] == "gemma3"
     assert online["chat_template"] == "/t/gemma3-tools.jinja"
     assert online["override_generation_config"] == {"max_new_tokens": 512}
     assert online["allowed_media_domains"] == [NO_MEDIA_DOMAIN]
     assert online["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
-    plugin = PipelineConfig.load(TINY_CPU_CONFIG, ["serve.tool_call_parser=gemma3", "serve.tool_parser_plugin=/p.py"],
-                                 environ={})
-    assert serving_engine_kwargs(plugin)["tool_call_parser"] == "gemma3"
-    assert serving_engine_kwargs(plugin)["tool_parser_plugin"] == "/p.py"
-    no_tools = serving_engine_kwargs(PipelineConfig.load(TINY_CPU_CONFIG, ["serve.tool_call_parser=null"], environ={}))
-    assert "enable_auto_tool_choice" not in no_tools and "tool_call_parser" not in no_tools
+    default_template = serving_engine_kwargs(PipelineConfig.load(TINY_CPU_CONFIG, environ={}))["chat_template"]
+    assert default_template.endswith("pipeline/templates/gemma3_tools.jinja")
 
 
 def test_llm_config_args_autoscale_and_bound_the_queue():
