@@ -5,9 +5,13 @@ red test.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,52 @@ def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout_
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(python), "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout_s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_endpoint(tiny_model: Path, work: Path, api_keys: list[str], *overrides: str, ready_timeout_s: int = 600):
+    """`python -m jobs.serve` in its own process, as a user runs it; yields its base URL and stops it
+    with SIGTERM (asserting a clean exit). Keys go through a file, as a mounted secret would."""
+    import httpx
+
+    keys_file = work / "api-keys"
+    keys_file.write_text("# test keys\n" + "\n".join(api_keys) + "\n")
+    port = free_port()
+    log_path = work / "serve.log"
+    env = {**os.environ, **OFFLINE_ENV}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("GEMMA_API_KEYS", None)
+    command = [sys.executable, "-m", "jobs.serve", "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+               "--set", f"serve.port={port}", "--set", f"serve.api_keys_file={keys_file}"]
+    for override in overrides:
+        command += ["--set", override]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"jobs.serve exited with {process.returncode}:\n{log_path.read_text()[-6000:]}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready after {ready_timeout_s}s:\n{log_path.read_text()[-6000:]}")
+            time.sleep(2)
+        yield base
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

