@@ -207,7 +207,7 @@ class BatchSection(_Section):
     )
     default_system: Optional[str] = Field(default=None, description="System prompt for records without one.")
     engine_replicas: Concurrency = Field(
-        default=1,
+        default=(1, 8),
         description="vLLM engine replicas: an int for a fixed pool, or (min, max) to autoscale with the "
         "cluster. Each replica takes tensor_parallel_size x pipeline_parallel_size GPUs.",
     )
