@@ -104,6 +104,7 @@ class LedgerStore(Protocol):
     def put(self, name: str, data: bytes) -> None: ...
     def get(self, name: str) -> Optional[bytes]: ...
     def list(self, prefix: str) -> list[str]: ...
+    def delete(self, name: str) -> None: ...
     def uri(self, name: str) -> str: ...
 
 
@@ -146,6 +147,9 @@ class LocalLedgerStore:
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
                       if p.is_file() and not p.name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
 
     def uri(self, name: str) -> str:
         return str(self.root / name)
@@ -190,6 +194,9 @@ class S3LedgerStore:
             names += [entry["Key"][len(self.prefix):] for entry in page.get("Contents", [])]
         return sorted(n for n in names if n and not n.endswith("/"))
 
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
     def uri(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{name}"
 
@@ -227,6 +234,7 @@ class Ledger:
         If-None-Match would let two ticks caption the same file)."""
         name = f"probes/{uuid.uuid4().hex}"
         first, second = self.store.create(name, b"1"), self.store.create(name, b"2")
+        self.store.delete(name)
         if not first or second:
             raise LedgerError(f"{self.store.uri(name)}: the store does not refuse to overwrite an existing "
                               "object (conditional PUT with If-None-Match unsupported?); overlapping ticks could "

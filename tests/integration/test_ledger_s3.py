@@ -21,6 +21,7 @@ def test_conditional_create_has_one_winner(storage, s3_server):
     store = open_store(storage, "s3://data/race/out")
     assert isinstance(store, S3LedgerStore)
     Ledger(store, lease_s=60).check_exclusive_create()
+    assert store.list("probes/") == [], "the probe is removed"
     for round_no in range(5):
         barrier, wins = threading.Barrier(8), []
 

@@ -65,7 +65,9 @@ def test_a_store_that_overwrites_is_refused(tmp_path):
 
     with pytest.raises(LedgerError, match="does not refuse to overwrite"):
         Ledger(FakeOverwritingStore(tmp_path), lease_s=60).check_exclusive_create()
-    Ledger(LocalLedgerStore(tmp_path / "ok"), lease_s=60).check_exclusive_create()
+    ledger = Ledger(LocalLedgerStore(tmp_path / "ok"), lease_s=60)
+    ledger.check_exclusive_create()
+    assert ledger.store.list("probes/") == [], "the probe is removed"
 
 
 def test_list_input_files_skips_hidden_and_non_parquet_and_versions_by_mtime(tmp_path):
