@@ -13,7 +13,7 @@ directory small and forwards environment variables by name:
 --address defaults to $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS (http://127.0.0.1:8265 for a local head).
 --env NAME copies NAME from this shell; --env NAME=VALUE sets it. Credentials are better left to the
 nodes' instance role: runtime_env values are visible in the dashboard. The cluster's auth token (Ray 2.60
-enables token authentication by default) is sent when one is found: $RAY_AUTH_TOKEN, the file
+uses token authentication whenever a token is configured) is sent when one is found: $RAY_AUTH_TOKEN, the file
 $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray get-auth-token` on the head prints it).
 
 Exit codes: 0 succeeded (or submitted, with --no-wait), 1 failed, 3 stopped, 4 still running when

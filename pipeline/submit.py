@@ -73,7 +73,7 @@ class JobRequest:
 
 def find_auth_token(environ: Mapping[str, str], home: Path) -> Optional[str]:
     """The cluster's auth token where Ray keeps it: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, or
-    ~/.ray/auth_token. Ray 2.60 turns token authentication on by default, and its JobSubmissionClient
+    ~/.ray/auth_token. Ray 2.60 turns token authentication on whenever a token is configured, and its JobSubmissionClient
     sends the token only when $RAY_AUTH_MODE=token in the submitting process; passing it explicitly
     works either way (a cluster without authentication ignores it)."""
     if environ.get("RAY_AUTH_TOKEN"):

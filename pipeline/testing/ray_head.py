@@ -63,8 +63,8 @@ class LocalRayHead:
                              "--metrics-export-port": ports[6], "--node-manager-port": ports[7]}
         self.process: Optional[subprocess.Popen] = None
         self.log_path = self.temp_dir / "ray-start.log"
-        # Its own auth token (Ray 2.60 enables token authentication by default and would otherwise share
-        # ~/.ray/auth_token with every other local cluster).
+        # Its own auth token: Ray 2.60's `ray start` turns token authentication on when ~/.ray/auth_token
+        # exists, and would then share that token with every other local cluster.
         self.token_path = self.temp_dir / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
 
@@ -109,7 +109,7 @@ class LocalRayHead:
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Until the job API answers Ray's own client (which also sends the cluster's auth token: Ray 2.60
-        enables token authentication by default, with the token in ~/.ray/auth_token)."""
+        uses token authentication whenever a token is configured)."""
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.time() + timeout_s
