@@ -4,6 +4,7 @@ The same command runs locally (embedded Ray) and on a cluster:
 
     python -m jobs.caption --input data/records --output out/captions --config configs/tiny-cpu.yaml
     ray job submit --working-dir . -- python -m jobs.caption --input s3://b/in --output s3://b/out
+    python -m jobs.caption --input-list s3://b/lists/today.txt --output s3://b/out/today   # listed files only
 
 Examples of overrides (any config field, YAML values):
 
@@ -26,7 +27,11 @@ logger = logging.getLogger("jobs.caption")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="parquet file or prefix (local path or s3://)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="parquet file or prefix (local path or s3://)")
+    source.add_argument("--input-list", metavar="URI",
+                        help="text file (local or s3://) naming parquet files, one per line: caption exactly "
+                        "those (jobs.schedule passes each tick's files this way)")
     parser.add_argument("--output", required=True, help="output prefix (local path or s3://)")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
@@ -39,13 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, run_caption
+    from pipeline.batch import InputError, OutputExistsError, load_input_list, run_caption
     from pipeline.checkpoint import CheckpointError
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
     try:
         config = PipelineConfig.load(args.config, overrides)
-        manifest = run_caption(config, args.input, args.output, overwrite=args.overwrite)
+        inputs = load_input_list(config, args.input_list) if args.input_list else args.input
+        manifest = run_caption(config, inputs, args.output, overwrite=args.overwrite)
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2

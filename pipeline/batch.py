@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -32,11 +32,15 @@ from .images import ImageTarget, image_target
 from .manifest import build_manifest
 from .prepare import PrepareRecords
 from .runtime import init_ray
-from .storage import join, make_filesystem, read_json, write_json
+from .storage import join, make_filesystem, read_json, read_text, write_json
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+
+
+# One parquet file or prefix, or an explicit list of parquet files (all local or all s3://).
+InputUri = Union[str, list[str]]
 
 
 class InputError(ValueError):
@@ -51,9 +55,9 @@ class OutputExistsError(FileExistsError):
 class InputPlan:
     """What the driver learns about the input before any row is processed."""
 
-    uri: str
+    uri: InputUri
     filesystem: pafs.FileSystem
-    path: str
+    path: str | list[str]
     schema: pa.Schema
     num_rows: int
     duplicate_ids: frozenset[str]
@@ -84,21 +88,22 @@ def plan_model(config: PipelineConfig) -> ModelPlan:
     return ModelPlan(info, target, stop_ids)
 
 
-def plan_input(config: PipelineConfig, input_uri: str) -> InputPlan:
+def plan_input(config: PipelineConfig, input_uri: InputUri) -> InputPlan:
     """Check the input's schema and find duplicate ids with one pass over the id column."""
     import ray
 
-    fs, path = make_filesystem(config.storage, input_uri)
+    fs, path = _input_location(config, input_uri)
+    label = input_uri if isinstance(input_uri, str) else f"{len(input_uri)} listed files"
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
     except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot read parquet input {input_uri}: {exc}") from None
+        raise InputError(f"cannot read parquet input {label}: {exc}") from None
     if not dataset.files:
-        raise InputError(f"no parquet files under {input_uri}")
+        raise InputError(f"no parquet files under {label}")
     schema = dataset.schema
     problems = R.check_input_schema(schema)
     if problems:
-        raise InputError(f"{input_uri}: " + "; ".join(problems))
+        raise InputError(f"{label}: " + "; ".join(problems))
     ids = ray.data.read_parquet(path, filesystem=fs, columns=[R.ID])
     if not pa.types.is_string(schema.field(R.ID).type):
         ids = ids.map_batches(_ids_as_strings, batch_format="pyarrow")
@@ -110,8 +115,32 @@ def plan_input(config: PipelineConfig, input_uri: str) -> InputPlan:
     missing = sum(r["count()"] for r in counts if r[R.ID] is None)
     num_rows = sum(r["count()"] for r in counts)
     logger.info("input %s: %d rows in %d files, %d duplicated ids, %d rows without id",
-                input_uri, num_rows, len(dataset.files), len(duplicates), missing)
+                label, num_rows, len(dataset.files), len(duplicates), missing)
     return InputPlan(input_uri, fs, path, schema, num_rows, duplicates, missing)
+
+
+def _input_location(config: PipelineConfig, input_uri: InputUri) -> tuple[pafs.FileSystem, str | list[str]]:
+    """The filesystem and path(s) of the input: one file or prefix, or a list of files on one filesystem
+    (a scheduled tick captions exactly the files it claimed; pyarrow and Ray Data read lists as they are)."""
+    if isinstance(input_uri, str):
+        return make_filesystem(config.storage, input_uri)
+    if not input_uri:
+        raise InputError("the input list is empty")
+    located = [make_filesystem(config.storage, uri) for uri in input_uri]
+    if len({type(fs) for fs, _ in located}) > 1:
+        raise InputError("the input list mixes local paths and s3:// URIs; give one kind per run")
+    return located[0][0], [path for _, path in located]
+
+
+def load_input_list(config: PipelineConfig, list_uri: str) -> list[str]:
+    """The input URIs listed in a text file (local or s3://): one per line; blank lines and # comments skipped."""
+    text = read_text(config.storage, list_uri)
+    if text is None:
+        raise InputError(f"input list {list_uri} does not exist")
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not uris:
+        raise InputError(f"input list {list_uri} names no file")
+    return uris
 
 
 def _ids_as_strings(batch: pa.Table) -> pa.Table:
@@ -213,8 +242,9 @@ def _pool_size(value: int | tuple[int, int]) -> dict[str, int]:
     return {"min_size": low, "max_size": high}
 
 
-def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Caption every record of `input_uri` into `output_uri`; returns the manifest it wrote."""
+def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Caption every record of `input_uri` (a file, a prefix or a list of files) into `output_uri`; returns
+    the manifest it wrote."""
     started = time.time()
     config = config.with_absolute_paths()
     model = plan_model(config)

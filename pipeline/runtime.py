@@ -21,4 +21,6 @@ def init_ray(config: PipelineConfig) -> None:
         ray.init(address=runtime.ray_address, runtime_env=env, log_to_driver=True)
     else:
         logger.info("starting embedded local Ray (num_cpus=%s)", runtime.local_num_cpus or "auto")
-        ray.init(num_cpus=runtime.local_num_cpus, include_dashboard=False, runtime_env=env)
+        # "local" always starts a new instance: with no address, ray.init() would join whatever cluster
+        # `ray start` last left on this machine (/tmp/ray/ray_current_cluster), someone else's included.
+        ray.init(address="local", num_cpus=runtime.local_num_cpus, include_dashboard=False, runtime_env=env)

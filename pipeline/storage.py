@@ -79,6 +79,15 @@ def read_json(storage: StorageSection, uri: str) -> Optional[dict[str, Any]]:
         return json.loads(stream.read())
 
 
+def read_text(storage: StorageSection, uri: str) -> Optional[str]:
+    """Read a small UTF-8 text file (an input list); None when it does not exist."""
+    fs, path = make_filesystem(storage, uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
 def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
