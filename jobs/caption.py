@@ -1,9 +1,15 @@
-"""Caption a parquet dataset of image + prompt records with Gemma 3 on Ray.
+"""Caption a parquet dataset of image + prompt records, or run OpenAI Batch request files, with Gemma 3 on Ray.
 
 The same command runs locally (embedded Ray) and on a cluster:
 
     python -m jobs.caption --input data/records --output out/captions --config configs/tiny-cpu.yaml
     ray job submit --working-dir . -- python -m jobs.caption --input s3://b/in --output s3://b/out
+
+OpenAI Batch files (*.jsonl, *.jsonl.gz, or prefixes of them; --input may repeat) give OpenAI Batch output
+and error files (see README "OpenAI Batch files"):
+
+    python -m jobs.caption --input s3://b/batch/requests.jsonl --output s3://b/batch/out \
+        --set openai_batch.accepted_model_names=[gpt-4o-mini]
 
 Examples of overrides (any config field, YAML values):
 
@@ -26,7 +32,13 @@ logger = logging.getLogger("jobs.caption")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="parquet file or prefix (local path or s3://)")
+    parser.add_argument("--input", required=True, action="append",
+                        help="parquet file or prefix, or OpenAI Batch request files (*.jsonl[.gz]) or prefixes of "
+                        "them, local or s3://; repeat for several request files")
+    parser.add_argument("--input-format", choices=("auto", "parquet", "openai-batch"),
+                        help="input format (openai_batch.input_format); auto decides from the names")
+    parser.add_argument("--output-format", choices=("auto", "parquet", "openai-batch"),
+                        help="output format (openai_batch.output_format); auto follows the input")
     parser.add_argument("--output", required=True, help="output prefix (local path or s3://)")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
@@ -39,13 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, run_caption
+    from pipeline.batch import InputError, OutputExistsError
+    from pipeline.batch_job import run_batch_job
     from pipeline.checkpoint import CheckpointError
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
+    overrides += [f"openai_batch.{name}_format={value}" for name, value in
+                  (("input", args.input_format), ("output", args.output_format)) if value]
     try:
         config = PipelineConfig.load(args.config, overrides)
-        manifest = run_caption(config, args.input, args.output, overwrite=args.overwrite)
+        manifest = run_batch_job(config, args.input, args.output, overwrite=args.overwrite)
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2
