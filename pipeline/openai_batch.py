@@ -131,11 +131,11 @@ class ParsedRequest:
     tool_template: bool
 
 
-def read_envelope(text: str | bytes, limits: RequestLimits) -> dict[str, Any]:
+def read_envelope(text: str | bytes, max_request_bytes: int) -> dict[str, Any]:
     """The line as a JSON object; file-level LineError when it is too large, not JSON or not an object."""
-    if len(text) > limits.max_request_bytes:
-        raise file_error("request_too_large", f"the line has {len(text)} bytes, over the limit of "
-                         f"{limits.max_request_bytes} (openai_batch.max_request_bytes)")
+    if len(text) > max_request_bytes:
+        raise file_error("request_too_large", f"the line has {len(text)} bytes or more, over the limit of "
+                         f"{max_request_bytes} (openai_batch.max_request_bytes)")
     try:
         line = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -154,7 +154,7 @@ def custom_id_of(line: Mapping[str, Any]) -> Optional[str]:
 def parse_request_line(text: str | bytes, limits: RequestLimits,
                        duplicate_ids: frozenset[str] = frozenset()) -> ParsedRequest:
     """Read and check one line; raise LineError for the first problem found (see the module docstring)."""
-    line = read_envelope(text, limits)
+    line = read_envelope(text, limits.max_request_bytes)
     custom_id = custom_id_of(line)
     if custom_id is None:
         raise file_error("missing_custom_id", "the line has no custom_id (a non-empty string that matches the "
@@ -333,7 +333,8 @@ def parse_tools(body: Mapping[str, Any]) -> Optional[ToolRequest]:
         raise bad_param("tools", "must be a list of tool definitions", "invalid_type")
     if isinstance(choice, dict):
         function = choice.get("function")
-        if choice.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        if choice.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str):
             raise bad_param("tool_choice", "must be 'auto', 'none', 'required' or {\"type\": \"function\", "
                             "\"function\": {\"name\": ...}}")
         choice = function["name"]
@@ -414,7 +415,8 @@ def response_format_constraint(response_format: Any) -> Optional[dict[str, str]]
         try:
             validator_for(schema).check_schema(schema)
         except SchemaError as exc:
-            raise bad_param("response_format.json_schema.schema", f"is not a valid JSON schema: {exc.message}") from None
+            raise bad_param("response_format.json_schema.schema",
+                            f"is not a valid JSON schema: {exc.message}") from None
         return {"json": json.dumps(schema, ensure_ascii=False)}
     raise bad_param("response_format.type", f"{kind!r} must be 'text', 'json_object' or 'json_schema'")
 

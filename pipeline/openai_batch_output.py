@@ -77,13 +77,16 @@ def error_line(ids: LineIds, custom_id: Optional[str], error: LineError, line: i
 # Ray's engine stage reports it as "<type>: <message>". The type decides 400 against 500; the message only
 # refines the code for the one case readers check for, a prompt over the context.
 _CLIENT_ERRORS = ("VLLMValidationError", "VLLMClientError", "VLLMNotFoundError", "ValueError")
+# vLLM 0.29's two wordings: its renderer (vllm/renderers/params.py) and its input processor.
+_CONTEXT_PHRASES = ("maximum context length", "maximum model length")
 
 
 def engine_error(inference_error: str) -> LineError:
     """The error line for a request the engine refused or failed (Ray's `__inference_error__`)."""
     kind, separator, message = inference_error.partition(": ")
     if separator and kind in _CLIENT_ERRORS:
-        code = "context_length_exceeded" if "maximum model length" in message else "invalid_request"
+        too_long = any(phrase in message for phrase in _CONTEXT_PHRASES)
+        code = "context_length_exceeded" if too_long else "invalid_request"
         return LineError(code, message[:2000], param="messages" if code == "context_length_exceeded" else None,
                          stage=Stage.ENGINE)
     return LineError("engine_error", inference_error[:2000], status=500, type="server_error", stage=Stage.ENGINE)

@@ -68,6 +68,12 @@ OUTPUT_SCHEMA = pa.schema([(LINE_COLUMN, pa.large_string()), ("custom_id", pa.st
                            ("code", pa.string()), ("stage", pa.string()), ("prompt_tokens", pa.int64()),
                            ("completion_tokens", pa.int64())])
 _READ_CHUNK = 8 * 2**20
+# Ray's stages skip a row when `row.get("__inference_error__", "") != ""`, so a row whose marker is None
+# counts as failed. Ray Data stores a block's rows as one Arrow struct when they convert (rows without
+# images do; rows with PIL images fall back to pickled objects), and a key that only some rows carry is
+# filled with None in the others: a request without the marker, in a block with a refused line, would be
+# skipped by every stage. Every row therefore carries the marker, "" when it is fine.
+NO_ERROR = ""
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -124,15 +130,10 @@ def custom_ids(batch: pa.Table, max_line_bytes: int) -> pa.Table:
     values = []
     for text in batch[TEXT].to_pylist():
         try:
-            values.append(custom_id_of(read_envelope(text, _SizeOnly(max_line_bytes))))
+            values.append(custom_id_of(read_envelope(text, max_line_bytes)))
         except LineError:
             values.append(None)
     return pa.table({CUSTOM_ID: pa.array(values, type=pa.string())})
-
-
-class _SizeOnly:
-    def __init__(self, max_request_bytes: int):
-        self.max_request_bytes = max_request_bytes
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -187,7 +188,7 @@ class PrepareRequests:
 
 def _custom_id_or_none(text: bytes, limits: RequestLimits) -> Optional[str]:
     try:
-        return custom_id_of(read_envelope(text, limits))
+        return custom_id_of(read_envelope(text, limits.max_request_bytes))
     except LineError:
         return None
 
@@ -210,8 +211,9 @@ class RequestBuilder:
         content.append({"type": "text", "text": ""})
         sampling = json.loads(row[SAMPLING])
         # The pixels now live in the PIL images; drop the bytes so later stages do not carry them twice.
+        # The empty error marker is explicit: see `NO_ERROR`.
         return {"messages": [{"role": "user", "content": content}], "sampling_params": sampling, IMAGES: None,
-                MAX_TOKENS: sampling["max_tokens"]}
+                MAX_TOKENS: sampling["max_tokens"], INFERENCE_ERROR: NO_ERROR}
 
 
 class LineBuilder:
@@ -240,6 +242,10 @@ class LineBuilder:
             raise LineError.from_json(data[LINE_ERROR])
         if data.get(INFERENCE_ERROR):
             raise engine_error(str(data[INFERENCE_ERROR]))
+        if data.get("num_input_tokens") is None:
+            # Never a fake success: a row that skipped the engine without saying why (see NO_ERROR).
+            raise LineError("engine_error", "the request did not reach the engine", status=500, type="server_error",
+                            stage=R.Stage.ENGINE)
         outcome = json.loads(data[R.TOOL_OUTCOME]) if data.get(R.TOOL_OUTCOME) else None
         if outcome is not None and outcome["error"]:
             raise invalid_tool_call(outcome["rounds"], outcome["error"])
@@ -271,6 +277,6 @@ class FinalizeLines:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select([c for c in batch.column_names if c in self.KEEP]).to_pylist()
-        lines = [self.builder(row) if row.get(INFERENCE_ERROR) else row for row in rows]
+        lines = [row if row.get(LINE_COLUMN) is not None else self.builder(row) for row in rows]
         return pa.Table.from_pylist([{name: line.get(name) for name in OUTPUT_SCHEMA.names} for line in lines],
                                     schema=OUTPUT_SCHEMA)

@@ -21,7 +21,7 @@ from . import records as R
 from .config import PipelineConfig
 from .engine_rows import INFERENCE_ERROR
 from .openai_batch import LineError
-from .openai_batch_stages import CONVERSATION, LINE_ERROR, TOOL_TEMPLATE
+from .openai_batch_stages import CONVERSATION, LINE_ERROR, NO_ERROR, TOOL_TEMPLATE
 from .tools.ray_stages import ToolChainSettings
 from .tools.ray_stages import stage_overrides as tool_stage_overrides
 from .tools.request import ToolRequest
@@ -49,7 +49,7 @@ class OpenAIChatTemplateUDF(ChatTemplateUDF):
                 yield {self.IDX_IN_BATCH_COLUMN: index, "prompt": "", INFERENCE_ERROR: error.message,
                        LINE_ERROR: error.to_json()}
                 continue
-            yield {self.IDX_IN_BATCH_COLUMN: index, "prompt": prompt}
+            yield {self.IDX_IN_BATCH_COLUMN: index, "prompt": prompt, INFERENCE_ERROR: NO_ERROR, LINE_ERROR: None}
 
 
 def stage_overrides(config: PipelineConfig) -> Callable[[str, StatefulStage], None]:
