@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 from PIL import Image
@@ -32,7 +32,7 @@ from .config import PipelineConfig, StorageSection
 from .engine_rows import INFERENCE_ERROR
 from .fetch import Fetcher
 from .images import ImageTarget, prepare_image
-from .openai_batch import LineError, ParsedRequest, RequestLimits, custom_id_of, parse_request_line, read_envelope
+from .openai_batch import LineError, RequestLimits, custom_id_of, parse_request_line, read_envelope
 from .openai_batch_output import (
     LineIds,
     completion_body,

@@ -57,7 +57,8 @@ def test_a_full_request_maps_onto_conversation_images_sampling_and_format():
     assert request.images == [("messages[1].content[1].image_url.url", "s3://b/k.jpg")]
     assert request.sampling == {"max_tokens": 30, "temperature": 0.5, "top_p": 0.9, "top_k": 0,
                                 "repetition_penalty": 1.0, "presence_penalty": 0.1, "frequency_penalty": -0.2,
-                                "seed": 3, "stop": ["END"], "ignore_eos": False, "structured_outputs": {"json": '{"type": "object"}'}}
+                                "seed": 3, "stop": ["END"], "ignore_eos": False,
+                                "structured_outputs": {"json": '{"type": "object"}'}}
 
 
 def test_defaults_come_from_the_config_and_every_request_has_the_same_keys():
