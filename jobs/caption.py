@@ -1,10 +1,16 @@
-"""Caption a parquet dataset of image + prompt records with Gemma 3 on Ray.
+"""Caption a parquet dataset of image + prompt records, or run OpenAI Batch request files, with Gemma 3 on Ray.
 
 The same command runs locally (embedded Ray) and on a cluster:
 
     python -m jobs.caption --input data/records --output out/captions --config configs/tiny-cpu.yaml
     ray job submit --working-dir . -- python -m jobs.caption --input s3://b/in --output s3://b/out
     python -m jobs.caption --input-list s3://b/lists/today.txt --output s3://b/out/today   # listed files only
+
+OpenAI Batch files (*.jsonl, *.jsonl.gz, or prefixes of them; --input may repeat) give OpenAI Batch output
+and error files (see README "OpenAI Batch files"):
+
+    python -m jobs.caption --input s3://b/batch/requests.jsonl --output s3://b/batch/out \
+        --set openai_batch.accepted_model_names=[gpt-4o-mini]
 
 Examples of overrides (any config field, YAML values):
 
@@ -28,10 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="parquet file or prefix (local path or s3://)")
+    source.add_argument("--input", action="append",
+                        help="parquet file or prefix, or OpenAI Batch request files (*.jsonl[.gz]) or prefixes of "
+                        "them, local or s3://; repeat for several files")
     source.add_argument("--input-list", metavar="URI",
-                        help="text file (local or s3://) naming parquet files, one per line: caption exactly "
+                        help="text file (local or s3://) naming input files, one per line: process exactly "
                         "those (jobs.schedule passes each tick's files this way)")
+    parser.add_argument("--input-format", choices=("auto", "parquet", "openai-batch"),
+                        help="input format (openai_batch.input_format); auto decides from the names")
+    parser.add_argument("--output-format", choices=("auto", "parquet", "openai-batch"),
+                        help="output format (openai_batch.output_format); auto follows the input")
     parser.add_argument("--output", required=True, help="output prefix (local path or s3://)")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
@@ -44,14 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, load_input_list, run_caption
+    from pipeline.batch import InputError, OutputExistsError, load_input_list
+    from pipeline.batch_job import run_batch_job
     from pipeline.checkpoint import CheckpointError
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
+    overrides += [f"openai_batch.{name}_format={value}" for name, value in
+                  (("input", args.input_format), ("output", args.output_format)) if value]
     try:
         config = PipelineConfig.load(args.config, overrides)
         inputs = load_input_list(config, args.input_list) if args.input_list else args.input
-        manifest = run_caption(config, inputs, args.output, overwrite=args.overwrite)
+        manifest = run_batch_job(config, inputs, args.output, overwrite=args.overwrite)
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2

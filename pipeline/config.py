@@ -334,6 +334,40 @@ class ServeSection(_Section):
             if not domain or "/" in domain or ":" in domain:
                 raise ValueError(f"expected bare host names such as images.example.com, got {domain!r}")
         return [d.lower().rstrip(".") for d in domains]
+InputFormat = Literal["auto", "parquet", "openai-batch"]
+
+
+class OpenAIBatchSection(_Section):
+    """OpenAI Batch API files as the batch job's input and output (pipeline/openai_batch*.py)."""
+
+    input_format: InputFormat = Field(
+        default="auto",
+        description="'auto' reads JSONL inputs (*.jsonl, *.jsonl.gz, or a prefix holding only those) as "
+        "OpenAI Batch request files and anything else as parquet records; or name the format.",
+    )
+    output_format: InputFormat = Field(
+        default="auto",
+        description="'auto' writes the input's format: OpenAI Batch output and error files for request "
+        "files, parquet rows for parquet records. Other combinations are refused.",
+    )
+    accepted_model_names: list[str] = Field(
+        default_factory=list,
+        description="Model names a request's body may name besides model.served_name (e.g. "
+        "'gpt-4o-mini', so that files written for OpenAI run unchanged). Any other name is an error "
+        "line with code model_not_found.",
+    )
+    max_request_bytes: int = Field(
+        default=48 * 2**20, ge=1024,
+        description="Largest request line. Base64 inflates an image by 4/3, so the default leaves room "
+        "for one image of images.max_bytes; longer lines become error lines without being parsed.",
+    )
+    max_tokens_cap: Optional[int] = Field(
+        default=None, ge=1,
+        description="Largest max_tokens / max_completion_tokens a request may ask for (larger is an error "
+        "line). Requests without one get sampling.max_tokens. None means half of engine.max_model_len.",
+    )
+
+
 BuiltinTool = Literal["calculate", "lookup", "image_metadata"]
 
 
@@ -416,7 +450,7 @@ class RuntimeSection(_Section):
 
 class PipelineConfig(_Section):
     """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, serve,
-    tools, runtime."""
+    tools, runtime, openai_batch."""
 
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -428,6 +462,7 @@ class PipelineConfig(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    openai_batch: OpenAIBatchSection = Field(default_factory=OpenAIBatchSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -461,6 +496,14 @@ class PipelineConfig(_Section):
                 f"serve.target_ongoing_requests ({serve.target_ongoing_requests}) exceeds "
                 f"serve.max_ongoing_requests ({serve.max_ongoing_requests}): replicas would never look "
                 "busy enough to scale up"
+            )
+        openai_batch = self.openai_batch
+        if openai_batch.max_tokens_cap is None:
+            openai_batch.max_tokens_cap = max(self.sampling.max_tokens, self.engine.max_model_len // 2)
+        if openai_batch.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError(
+                f"openai_batch.max_tokens_cap ({openai_batch.max_tokens_cap}) must be below engine.max_model_len "
+                f"({self.engine.max_model_len}) to leave room for the prompt"
             )
         if self.engine.device == "cpu" and self.engine.kv_cache_memory_bytes is None:
             raise ValueError(

@@ -12,6 +12,8 @@ def test_facade_import_is_light():
             "import pipeline.serve, pipeline.serve_guard, pipeline.serve_errors, pipeline.serve_http, jobs.serve; "
             "import pipeline.tools, pipeline.tools.chain, pipeline.tools.builtins; "
             "import pipeline.ledger, pipeline.schedule, pipeline.submit, jobs.schedule, jobs.submit; "
+            "import pipeline.batch_job, pipeline.openai_batch, pipeline.openai_batch_output, "
+            "pipeline.openai_batch_stages, pipeline.openai_batch_run, pipeline.openai_batch_sink; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
