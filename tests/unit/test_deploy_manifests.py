@@ -59,7 +59,7 @@ def test_rayjob_runs_the_caption_job():
     job = load("rayjob-caption.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     args = caption.parse_args(entrypoint_args(job["spec"]["entrypoint"], "jobs.caption"))
-    assert local_path(args.config).exists() and args.input.startswith("s3://") and args.output.startswith("s3://")
+    assert local_path(args.config).exists() and args.input[0].startswith("s3://") and args.output.startswith("s3://")
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["backoffLimit"] == 0
     check_cluster(job["spec"]["rayClusterSpec"])
 
