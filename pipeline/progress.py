@@ -104,8 +104,9 @@ class StatusLine:
         self.window_s = window_s
         self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
 
-    def update(self, now_s: float, totals: dict[str, Any], final: bool = False) -> str:
-        """The line for the counter's `totals` at `now_s`; `final` gives the whole run's rates, no ETA."""
+    def update(self, now_s: float, totals: dict[str, Any], final: str = "") -> str:
+        """The line for the counter's `totals` at `now_s`; `final` ("done", "stopped") gives the whole
+        run's rates and no ETA."""
         rows = min(totals["rows"], self.total_rows) if self.total_rows else totals["rows"]
         if rows == 0:
             self.samples.clear()  # rates start when rows start, not during the engine's start-up
@@ -114,7 +115,7 @@ class StatusLine:
             self.samples.popleft()
         elapsed = now_s - self.started_s
         share = f" ({100.0 * rows / self.total_rows:.1f}%)" if self.total_rows else ""
-        parts = [f"{'done' if final else 'progress'}: {rows:,}/{self.total_rows:,} rows{share}"]
+        parts = [f"{final or 'progress'}: {rows:,}/{self.total_rows:,} rows{share}"]
         first_t, first_rows, first_tokens = (self.started_s, 0, 0) if final else self.samples[0]
         span = now_s - first_t
         if rows == 0:
@@ -197,7 +198,7 @@ class RunProgress:
             self._thread.join(timeout=self.interval_s + 10)
         if exc_info[0] is None:
             self._settle()
-        self._log_status(final=True)
+        self._log_status(final="done" if exc_info[0] is None else "stopped")
         ray.kill(self.counter)
 
     def _settle(self, timeout_s: float = 5.0) -> None:
@@ -218,7 +219,7 @@ class RunProgress:
         while not self._stop.wait(self.interval_s):
             self._log_status()
 
-    def _log_status(self, final: bool = False) -> None:
+    def _log_status(self, final: str = "") -> None:
         import ray
 
         try:

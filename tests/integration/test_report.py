@@ -279,7 +279,7 @@ def test_status_lines_while_running(run):
     log = run.result.stderr
     lines = [line for line in log.splitlines() if "pipeline.progress" in line]
     total = run.manifest["counts"]["rows_in"]
-    running = [line for line in lines if f"progress: " in line]
+    running = [line for line in lines if "pipeline.progress: progress: " in line]
     assert running and all(f"/{total} rows" in line and "ETA" in line for line in running), log[-3000:]
     final = [line for line in lines if "done: " in line]
     assert len(final) == 1 and lines[-1] == final[0]

@@ -64,7 +64,7 @@ def test_status_rate_uses_a_sliding_window():
 def test_final_line_gives_whole_run_rates_and_top_error_kinds():
     line = StatusLine(total_rows=100, started_s=0.0)
     errors = {("a", "validate"): 5, ("b", "image"): 4, ("c", "fetch"): 3, ("d", "fetch"): 2, ("e", "engine"): 1}
-    text = line.update(50.0, _totals(100, 500, errors), final=True)
+    text = line.update(50.0, _totals(100, 500, errors), final="done")
     assert text == ("done: 100/100 rows (100.0%) | 2.0 rows/s, 10 generated tokens/s (whole run) | "
                     "errors 15: a 5, b 4, c 3, d 2, 1 more kinds | elapsed 50s")
 
