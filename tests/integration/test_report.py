@@ -322,5 +322,7 @@ def test_report_can_be_rebuilt_with_another_price(run, tmp_path):
     shutil.copytree(run.output, copy)
     assert report.main([str(copy), "--gpu-hourly-usd", str(PRICE_USD * 2)]) == 0
     before, after = _page(run.html).metrics, _page((copy / "_report" / "report.html").read_text()).metrics
-    assert after["cost_usd"] == pytest.approx(before["cost_usd"] * 2, abs=1e-6)
+    assert after["cost_hourly_usd"] == PRICE_USD * 2
+    assert after["cost_usd"] == pytest.approx(run.manifest["wall_s"] / 3600 * PRICE_USD * 2, abs=1e-6)
+    assert after["cost_usd"] == pytest.approx(before["cost_usd"] * 2, abs=2e-6)
     assert {k: after[k] for k in ("rows_out", "ok", "errors")} == {k: before[k] for k in ("rows_out", "ok", "errors")}
