@@ -26,7 +26,9 @@ h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 10
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 10px; }
 .card { background: #fff; border-radius: 8px; padding: 10px 14px; box-shadow: 0 1px 2px #0001; }
 .card table { width: 100%; border-collapse: collapse; }
-.card td { padding: 2px 0; } .card td.v { text-align: right; white-space: nowrap; padding-left: 8px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.card td { padding: 2px 0; }
+.card td.v { text-align: right; white-space: nowrap; padding-left: 8px; font-weight: 600;
+             font-variant-numeric: tabular-nums; }
 .card h3 { margin: 0 0 6px; font-size: 13px; text-transform: uppercase; letter-spacing: .04em; color: #6b7280; }
 figure { background: #fff; border-radius: 8px; margin: 0 0 12px; padding: 10px; box-shadow: 0 1px 2px #0001; }
 figure img { max-width: 100%; display: block; margin: 0 auto; }
@@ -80,7 +82,8 @@ def _summary(report: RunReport) -> str:
                         _metric("all tokens/s", "total_tokens_per_s", f["total_tokens_per_s"], "", 1)]),
         _card("Tokens", [_metric("prompt", "prompt_tokens", f["prompt_tokens"]),
                          _metric("generated", "completion_tokens", f["completion_tokens"]),
-                         _metric("generated per caption", "mean_completion_tokens", f["mean_completion_tokens"], "", 1)]),
+                         _metric("generated per caption", "mean_completion_tokens", f["mean_completion_tokens"],
+                                 "", 1)]),
         _card("Engine latency", [_metric("rows timed", "latency_rows", f["latency_rows"]),
                                  _metric("p50", "latency_p50_s", f["latency_p50_s"], "s"),
                                  _metric("p90", "latency_p90_s", f["latency_p90_s"], "s"),
@@ -175,7 +178,8 @@ def render_html(report: RunReport) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>Caption run report: {_e(m["output"])}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body><main>
-<h1>Caption run report <span class="badge {_e(status)}" data-metric="status" data-value="{_e(json.dumps(status))}">{_e(status)}</span></h1>
+<h1>Caption run report <span class="badge {_e(status)}" data-metric="status"
+ data-value="{_e(json.dumps(status))}">{_e(status)}</span></h1>
 <p class="sub">{_e(m["output"])} &middot; {_e(m["started"])} &rarr; {_e(m["finished"])} &middot;
 model {_e(model.get("source"))} ({_e(model.get("scheme"))})</p>
 {_summary(report)}
@@ -192,7 +196,8 @@ model {_e(model.get("source"))} ({_e(model.get("scheme"))})</p>
 <h2>Versions</h2>
 {_key_values(m.get("versions") or {}, "versions")}
 <h2>Configuration</h2>
-<details><summary>the configuration the run used (YAML)</summary><pre data-section="config">{_e(config_yaml)}</pre></details>
+<details><summary>the configuration the run used (YAML)</summary>
+<pre data-section="config">{_e(config_yaml)}</pre></details>
 <p class="muted">Generated {_e(generated)} from _manifest.json and the output rows by pipeline/report.py.</p>
 </main></body></html>
 """

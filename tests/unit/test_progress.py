@@ -20,7 +20,8 @@ def _rows(ok: int, errors: list[tuple[str, str]]) -> pa.Table:
 
 
 def test_tally_counts_rows_errors_tokens_and_latencies():
-    tally, latencies = tally_batch(_rows(3, [("not_found", "fetch"), ("not_found", "fetch"), ("engine_error", "engine")]))
+    errors = [("not_found", "fetch"), ("not_found", "fetch"), ("engine_error", "engine")]
+    tally, latencies = tally_batch(_rows(3, errors))
     assert tally == {"rows": 6, "ok": 3, "errors": 3, "prompt_tokens": 840, "completion_tokens": 33,
                      "errors_by_kind_stage": {("not_found", "fetch"): 2, ("engine_error", "engine"): 1}}
     assert latencies == [0.5, 1.0, 1.5]
