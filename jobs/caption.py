@@ -12,9 +12,20 @@ and error files (see README "OpenAI Batch files"):
     python -m jobs.caption --input s3://b/batch/requests.jsonl --output s3://b/batch/out \
         --set openai_batch.accepted_model_names=[gpt-4o-mini]
 
+See the plan first (stages, replicas, placement, memory per replica; no engine, no GPU):
+
+    python -m jobs.caption --input s3://b/in --output s3://b/out --config configs/gpu-fp8.yaml --dry-run
+
 Examples of overrides (any config field, YAML values):
 
     --set engine.tensor_parallel_size=1 --set batch.engine_replicas=[1,8] --set sampling.max_tokens=64
+    --set report.gpu_hourly_usd=2.49            # cost estimate in the report ($ per 1M images)
+    --set runtime.metrics_export_port=8080      # embedded Ray's Prometheus endpoint (/metrics)
+
+While it runs: Ray Data's progress bars, and every report.status_interval_s a line with rows done,
+rows/s, generated tokens/s, errors by kind and the ETA. After it: OUTPUT/_manifest.json and
+OUTPUT/_report/report.html (self-contained; charts also as OUTPUT/_report/*.png). Rebuild the report, say
+with another price: python -m jobs.report OUTPUT --set report.gpu_hourly_usd=3.0
 
 Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output.
 """
@@ -50,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. engine.max_num_seqs=128 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (input rows and duplicates, stages, replicas, placement, expected "
+                        "memory per replica) and exit; starts no engine and takes no GPU")
     return parser.parse_args(argv)
 
 
@@ -66,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig.load(args.config, overrides)
         inputs = load_input_list(config, args.input_list) if args.input_list else args.input
+        if args.dry_run:
+            from pipeline.plan import format_plan, plan_run
+
+            print(format_plan(plan_run(config, inputs[0] if len(inputs) == 1 else inputs, args.output,
+                                       overwrite=args.overwrite)))
+            return 0
         manifest = run_batch_job(config, inputs, args.output, overwrite=args.overwrite)
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)

@@ -31,6 +31,8 @@ from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
 from .images import ImageTarget, image_target
 from .manifest import build_manifest
 from .prepare import PrepareRecords
+from .progress import RunProgress
+from .report import write_run_report
 from .runtime import init_ray
 from .storage import join, make_filesystem, read_json, read_text, write_json
 
@@ -170,7 +172,8 @@ def processor_config(config: PipelineConfig):
         tokenize_stage={"enabled": True, **cpu_stage},
         # The engine already detokenizes (SamplingParams.detokenize); a second pass would only cost CPU.
         detokenize_stage=False,
-        log_engine_metrics=False,
+        # vLLM's engine metrics on Ray's Prometheus endpoint, beside ours (pipeline/metrics.py).
+        log_engine_metrics=config.runtime.engine_metrics,
     )
 
 
@@ -254,13 +257,16 @@ def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *,
     init_ray(config)
     plan = plan_input(config, input_uri)
     dataset, schema = build_caption_dataset(config, plan, model)
-    dataset.write_parquet(out_path, filesystem=out_fs, max_rows_per_file=config.batch.rows_per_file)
+    with RunProgress(config, plan.num_rows) as progress:  # status line + counters (pipeline/progress.py)
+        progress.observe(dataset).write_parquet(out_path, filesystem=out_fs,
+                                                max_rows_per_file=config.batch.rows_per_file)
     finished = time.time()
     written = pads.dataset(out_path, filesystem=out_fs, format="parquet")
     manifest = build_manifest(
         config=config, input_uri=input_uri, output_uri=output_uri, rows_in=plan.num_rows,
         output=written, checkpoint=model.checkpoint.as_dict(), started=started, finished=finished)
     write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
+    write_run_report(config, output_uri, manifest)  # _report/report.html + charts; logs, never raises
     logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)
     return manifest

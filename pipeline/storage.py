@@ -70,6 +70,16 @@ def write_json(storage: StorageSection, uri: str, payload: dict[str, Any]) -> No
         out.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
 
 
+def write_bytes(storage: StorageSection, uri: str, data: bytes) -> None:
+    """Write a small file (a report, a chart) to a local path or S3, replacing any previous one."""
+    fs, path = make_filesystem(storage, uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, pafs.LocalFileSystem) and parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
 def read_json(storage: StorageSection, uri: str) -> Optional[dict[str, Any]]:
     """Read a small JSON document; None when it does not exist."""
     fs, path = make_filesystem(storage, uri)
