@@ -9,6 +9,9 @@ Examples of overrides (any config field, YAML values):
 
     --set engine.tensor_parallel_size=1 --set batch.engine_replicas=[1,8] --set sampling.max_tokens=64
 
+Rerunning the same command after a crash resumes: only records without output are processed, and every
+record ends with exactly one output row. Over a complete output it does nothing (exit 0) unless --overwrite.
+
 Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output.
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. engine.max_num_seqs=128 (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    parser.add_argument("--overwrite", action="store_true", help="delete the output prefix and start over (default: resume a partial output, leave a complete "
+                        "one as it is)")
     return parser.parse_args(argv)
 
 
