@@ -271,7 +271,7 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
                 rows_written=exactly_once["rows_out"] - output.rows_done, **engine)
     manifest = finish_manifest(manifest, output, exactly_once)
     write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
-    finish_output(output, manifest)
+    finish_output(config, output, manifest)
     # ----
     logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)

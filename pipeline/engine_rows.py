@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -87,7 +88,7 @@ class OutputBuilder:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         kept = data.get(PASSTHROUGH) or {}
         row = {name: kept.get(name) for name in self.passthrough}
-        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE), R.ROW_HASH: data.get(R.ROW_HASH),
+        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE), R.ROW_HASH: _as_row_hash(data.get(R.ROW_HASH)),
                     R.MODEL: self.model_name,
                     R.TEXT: None, R.FINISH_REASON: None, R.PROMPT_TOKENS: None, R.COMPLETION_TOKENS: None,
                     R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None})
@@ -149,3 +150,9 @@ class FinalizeRows:
 
 def _as_id(value: Any) -> Optional[str]:
     return None if value is None else str(value)
+
+
+def _as_row_hash(value: Any) -> Optional[np.uint64]:
+    """A numpy uint64: half of all hashes exceed int64, and Ray infers int64 from Python ints (then falls
+    back to pickling the whole column)."""
+    return None if value is None else np.uint64(value)

@@ -150,12 +150,16 @@ class CrashIsolatingEngine:
 
     def __init__(self, *args: Any, ledger_name: str, max_engine_attempts: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        import ray
-
-        self.ledger = ray.get_actor(ledger_name, namespace=LEDGER_NAMESPACE)
+        self.ledger = self.connect_ledger(ledger_name)
         self.max_engine_attempts = max_engine_attempts
         self.gate = EngineGate()
-        ray.get(self.ledger.engine_started.remote(os.getpid()))
+        # Not awaited: calls from one caller reach an actor in order, so this lands before any row's.
+        self.ledger.engine_started.remote(os.getpid())
+
+    def connect_ledger(self, name: str):
+        import ray
+
+        return ray.get_actor(name, namespace=LEDGER_NAMESPACE)
 
     async def udf(self, batch: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         started = time.perf_counter()

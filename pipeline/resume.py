@@ -243,10 +243,12 @@ def finish_manifest(manifest: dict[str, Any], state: OutputState, exactly_once: 
     return manifest
 
 
-def finish_output(state: OutputState, manifest: dict[str, Any]) -> None:
-    """After the manifest: a complete output no longer needs its checkpoint."""
+def finish_output(config: PipelineConfig, state: OutputState, manifest: dict[str, Any]) -> None:
+    """After the manifest: a complete output no longer needs its checkpoint, and no upload under it may stay
+    unfinished (a write that failed mid-upload and was retried can leave one behind)."""
     if manifest["status"] == "complete":
         _delete_checkpoint(state)
+        abort_multipart_uploads(config.storage, state.uri)
     else:
         logger.error("%s is incomplete (%s); rerun the same command to finish it", state.uri, manifest["resume"])
 

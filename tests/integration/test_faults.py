@@ -297,7 +297,7 @@ def test_s3_server_restarted_mid_write_loses_nothing(s3, tiny_model, tmp_path):
     job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log")
     job.wait_for(lambda: output.committed_rows() >= 0.3 * ROWS, "30% of rows written")
     assert output.committed_rows() < ROWS, "the outage must come while rows are still being written"
-    s3.restart(down_s=5)
+    s3.restart(down_s=8)
     assert job.wait() == 0, job.log()
     assert_exactly_once(output.table(), records)
     manifest = output.json("_manifest.json")
