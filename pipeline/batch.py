@@ -29,11 +29,11 @@ from .config import ConfigError, PipelineConfig
 from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
 from .images import ImageTarget, image_target
-from .faults import EngineGuardSettings, read_row_ledger, start_row_ledger
+from .faults import EngineGuardSettings, start_row_ledger, stop_row_ledger
 from .manifest import build_manifest
 from .prepare import PrepareRecords
 from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, enable_checkpointing,
-                     end_attempt, finish_manifest, finish_output, prepare_output)
+                     end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
 from .runtime import init_ray
 from .storage import join, make_filesystem, write_json
 
@@ -247,20 +247,17 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
     plan = plan_input(config, input_uri)
     # ---- one attempt: recorded in _attempts.json (pipeline.resume), engine crashes counted (pipeline.faults)
     attempt = begin_attempt(config, output, input_uri)
-    ledger, ledger_name = start_row_ledger(config.model.served_name)
+    ledger, ledger_name = start_row_ledger("caption")
     try:
         guard = EngineGuardSettings(ledger_name=ledger_name, max_engine_attempts=config.batch.max_engine_attempts)
         dataset, schema = build_caption_dataset(config, plan, model, guard)
         enable_checkpointing(dataset, output)
         dataset.write_parquet(output.path, filesystem=output.filesystem,
                               max_rows_per_file=config.batch.rows_per_file)
-        engine = read_row_ledger(ledger)
     except BaseException as exc:
-        end_attempt(config, output, input_uri, attempt, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
-                    **_ledger_or_nothing(ledger))
+        fail_attempt(config, output, input_uri, attempt, exc, **stop_row_ledger(ledger))
         raise
-    finally:
-        _stop_actor(ledger)
+    engine = stop_row_ledger(ledger)
     finished = time.time()
     written = pads.dataset(output.path, filesystem=output.filesystem, format="parquet")
     manifest = build_manifest(
@@ -276,19 +273,3 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
     logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)
     return manifest
-
-
-def _ledger_or_nothing(ledger) -> dict[str, int]:
-    try:
-        return read_row_ledger(ledger)
-    except Exception:  # the ledger died with the cluster; the attempt record still says what failed
-        return {}
-
-
-def _stop_actor(handle) -> None:
-    import ray
-
-    try:
-        ray.kill(handle)
-    except Exception:
-        logger.debug("ledger actor already gone", exc_info=True)

@@ -88,8 +88,8 @@ class OutputBuilder:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         kept = data.get(PASSTHROUGH) or {}
         row = {name: kept.get(name) for name in self.passthrough}
-        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE), R.ROW_HASH: _as_row_hash(data.get(R.ROW_HASH)),
-                    R.MODEL: self.model_name,
+        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE),
+                    R.ROW_HASH: _as_row_hash(data.get(R.ROW_HASH)), R.MODEL: self.model_name,
                     R.TEXT: None, R.FINISH_REASON: None, R.PROMPT_TOKENS: None, R.COMPLETION_TOKENS: None,
                     R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None})
         outcome = json.loads(data[R.TOOL_OUTCOME]) if data.get(R.TOOL_OUTCOME) else None

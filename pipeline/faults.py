@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator
 
 from . import records as R
 
@@ -93,10 +93,20 @@ def start_row_ledger(job_name: str):
     return handle, name
 
 
-def read_row_ledger(handle) -> dict[str, int]:
+def stop_row_ledger(handle) -> dict[str, int]:
+    """The ledger's counts (empty if it went down with the cluster), then the ledger is stopped."""
     import ray
 
-    return ray.get(handle.summary.remote())
+    try:
+        summary = ray.get(handle.summary.remote(), timeout=60)
+    except Exception:
+        logger.warning("the row ledger is gone; this attempt's engine counts are unknown", exc_info=True)
+        summary = {}
+    try:
+        ray.kill(handle)
+    except Exception:
+        logger.debug("row ledger already stopped", exc_info=True)
+    return summary
 
 
 class EngineGate:

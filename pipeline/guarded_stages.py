@@ -5,7 +5,7 @@ it only while building the processor, so `import pipeline` stays light.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from ray.llm._internal.batch.stages.base import StatefulStage
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage, vLLMEngineStageUDF

@@ -219,6 +219,17 @@ def end_attempt(config: PipelineConfig, state: OutputState, input_uri: str, atte
     write_attempts(config, state, input_uri)
 
 
+def fail_attempt(config: PipelineConfig, state: OutputState, input_uri: str, attempt: dict[str, Any],
+                 error: BaseException, **facts: Any) -> None:
+    """Mark the attempt failed with its error; never masks that error when the record cannot be written
+    (storage down is one way to fail)."""
+    try:
+        end_attempt(config, state, input_uri, attempt, "failed",
+                    error=f"{type(error).__name__}: {error}"[:2000], **facts)
+    except Exception:
+        logger.exception("could not record the failed attempt in %s", join(state.uri, ATTEMPTS_NAME))
+
+
 def write_attempts(config: PipelineConfig, state: OutputState, input_uri: str) -> None:
     write_json(config.storage, join(state.uri, ATTEMPTS_NAME), {
         "input": input_uri, "output": state.uri, "input_fingerprint": state.input_fingerprint,

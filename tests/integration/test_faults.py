@@ -44,6 +44,9 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.s
 # Blocks of 4 input rows; the engine stage bundles them to its batch of 8, so output is committed 8 rows at a
 # time and a 40-row job has several commits to be killed between.
 SMALL_BLOCKS = ["--set", "batch.rows_per_block=4", "--set", "batch.rows_per_file=4"]
+# For the faults timed on progress: 160 generated tokens per row (the tiny model otherwise stops within a few),
+# so the engine is still busy, and rows still being written, for some seconds after the trigger is seen.
+BUSY_ENGINE = ["--set", "sampling.max_tokens=160", "--set", "sampling.ignore_eos=true"]
 JOB_TIMEOUT_S = 900
 
 
@@ -160,8 +163,9 @@ class Output:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
             for info in infos:
                 name = info.path.rsplit("/", 1)[-1]
-                if info.type == pafs.FileType.File and name.endswith(".parquet") and info.path not in self._rows_by_file:
-                    self._rows_by_file[info.path] = pq.ParquetFile(info.path, filesystem=self.fs).metadata.num_rows
+                if info.type != pafs.FileType.File or not name.endswith(".parquet") or info.path in self._rows_by_file:
+                    continue
+                self._rows_by_file[info.path] = pq.ParquetFile(info.path, filesystem=self.fs).metadata.num_rows
         except OSError:
             pass
         return sum(self._rows_by_file.values())
@@ -200,7 +204,7 @@ def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path)
     records = build_records(ROWS)
     input_uri = upload(s3, "kill-driver/input", records)
     output = Output(s3, "s3://data/kill-driver/output")
-    first = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run1.log")
+    first = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run1.log", *BUSY_ENGINE)
     first.wait_for(lambda: output.committed_rows() >= 0.4 * ROWS, "40% of rows written")
     first.kill()
     assert output.json("_manifest.json") is None, "killed before it finished"
@@ -209,7 +213,7 @@ def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path)
     killed = output.json("_attempts.json")["attempts"]
     assert [a["status"] for a in killed] == ["running"]
 
-    second = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run2.log")
+    second = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run2.log", *BUSY_ENGINE)
     assert second.wait() == 0, second.log()
     assert_exactly_once(output.table(), records)
     manifest = output.json("_manifest.json")
@@ -226,7 +230,7 @@ def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path)
     assert output.fs.get_file_info(f"{output.path}/_checkpoint").type == pafs.FileType.NotFound
 
     files_before = sorted(output.table().column("row_hash").to_pylist())
-    third = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run3.log")
+    third = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run3.log", *BUSY_ENGINE)
     assert third.wait() == 0, third.log()
     assert "is already complete" in third.log() and "starting embedded local Ray" not in third.log()
     assert output.json("_manifest.json") == manifest, "a rerun over a complete output changes nothing"
@@ -237,7 +241,7 @@ def test_engine_core_killed_mid_run_every_row_still_written(s3, tiny_model, tmp_
     records = build_records(ROWS)
     input_uri = upload(s3, "kill-engine/input", records)
     output = Output(s3, "s3://data/kill-engine/output")
-    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log")
+    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", *BUSY_ENGINE)
     job.wait_for(lambda: output.committed_rows() >= 0.25 * ROWS, "25% of rows written")
     engines = [p for p in job.tree() if _is_engine_core(p)]
     assert len(engines) == 1, [(p.pid, p.name()) for p in job.tree()]
@@ -294,7 +298,7 @@ def test_s3_server_restarted_mid_write_loses_nothing(s3, tiny_model, tmp_path):
                        UploadId=orphan["UploadId"], Body=b"x" * 1024)
     assert len(output.multipart_uploads()) == 1
 
-    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log")
+    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", *BUSY_ENGINE)
     job.wait_for(lambda: output.committed_rows() >= 0.3 * ROWS, "30% of rows written")
     assert output.committed_rows() < ROWS, "the outage must come while rows are still being written"
     s3.restart(down_s=8)
