@@ -92,15 +92,20 @@ class OutputState:
 
 
 def fingerprint_input(config: PipelineConfig, input_uri: str) -> dict[str, Any]:
-    """The input's files and sizes, hashed: a rerun over changed files cannot reuse row keys."""
+    """The input's files and sizes, hashed: a rerun over changed files cannot reuse row keys.
+
+    A listing only (no file is opened); hidden names (`_`, `.`) are skipped, as readers skip them."""
     fs, path = make_filesystem(config.storage, input_uri)
     try:
-        files = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
-    except (FileNotFoundError, OSError):
-        return {"files": 0, "bytes": 0, "digest": None}
-    sizes = [info.size or 0 for info in fs.get_file_info(files)]
-    digest = hashlib.sha256("\n".join(f"{f}\t{s}" for f, s in zip(files, sizes)).encode()).hexdigest()
-    return {"files": len(files), "bytes": sum(sizes), "digest": digest}
+        info = fs.get_file_info(path)
+        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+            pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError:
+        infos = []
+    files = sorted((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File
+                   and not any(part.startswith(("_", ".")) for part in i.path[len(path):].split("/") if part))
+    digest = hashlib.sha256("\n".join(f"{f}\t{s}" for f, s in files).encode()).hexdigest() if files else None
+    return {"files": len(files), "bytes": sum(s for _, s in files), "digest": digest}
 
 
 def output_config_digest(config: PipelineConfig) -> str:
