@@ -10,12 +10,18 @@ STAMP := $(VENV)/.setup-complete
 QVENV := .venv-quantize
 QSTAMP := $(QVENV)/.setup-complete
 
-.PHONY: env quantize-env demo quantize-demo test unit integration clean
+.PHONY: env quantize-env test-deps demo quantize-demo test unit integration clean
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup_cpu_env.sh scripts/gemma3_no_torchvision_hook.py
 	scripts/setup_cpu_env.sh $(VENV)
+
+# The report test screenshots report.html with headless Chromium: a system package, not a Python one.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
 quantize-env: $(QSTAMP)
 
@@ -37,13 +43,13 @@ quantize-demo: $(QSTAMP) $(WORK)/tiny-gemma3/config.json
 	$(QVENV)/bin/python -m jobs.quantize --model $(WORK)/tiny-gemma3 --output $(WORK)/tiny-gemma3-fp8 --overwrite
 	cat $(WORK)/tiny-gemma3-fp8/quantization_report.md
 
-test: $(STAMP) $(QSTAMP)
+test: $(STAMP) $(QSTAMP) test-deps
 	$(PY) -m pytest -v --durations=15 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) $(QSTAMP)
+integration: $(STAMP) $(QSTAMP) test-deps
 	$(PY) -m pytest -v tests/integration
 
 clean:

@@ -29,6 +29,13 @@ RUNS = {
     # Ablations: where does the gain come from?
     "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
     "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
+    # Engine layout on a 2-GPU machine (issue tp4): one TP=2 engine vs two TP=1 replicas.
+    "pipeline-fp8-tp2": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=2"]),
+    "pipeline-fp8-2x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=2"]),
+    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2"]),
+    "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1"]),
+    # The same driver on one GPU or a CPU machine (smoke test of the online runner).
+    "online-fp8-1x1": ("online", "fp8", ["--layout", "1x1"]),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
 
@@ -95,6 +102,13 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
         if args.device == "cpu":
             command += ["--engine-arg", "kv_cache_memory_bytes=1073741824", "--engine-arg", "max_model_len=1024",
                         "--engine-arg", "enforce_eager=true", "--engine-arg", "gpu_memory_utilization=null"]
+    elif kind == "online":
+        command = ["-m", "bench.online_latency", str(checkpoints[precision]), "--label", name,
+                   "--workdir", str(args.workdir)] + extra
+        if args.device == "cpu":
+            command += ["--max-model-len", "1024", "--concurrency", "1,4", "--duration-s", "10", "--images", "16",
+                        "--max-tokens", "8", "--server-arg=--enforce-eager",
+                        "--server-arg=--kv-cache-memory-bytes 1073741824"]
     else:
         command = ["-m", "bench.pipeline_run", str(checkpoints[precision]), str(data["pipeline"]), "--label", name] + extra
         if args.device == "cpu":

@@ -1,13 +1,31 @@
-"""Caption a parquet dataset of image + prompt records with Gemma 3 on Ray.
+"""Caption a parquet dataset of image + prompt records, or run OpenAI Batch request files, with Gemma 3 on Ray.
 
 The same command runs locally (embedded Ray) and on a cluster:
 
     python -m jobs.caption --input data/records --output out/captions --config configs/tiny-cpu.yaml
     ray job submit --working-dir . -- python -m jobs.caption --input s3://b/in --output s3://b/out
+    python -m jobs.caption --input-list s3://b/lists/today.txt --output s3://b/out/today   # listed files only
+
+OpenAI Batch files (*.jsonl, *.jsonl.gz, or prefixes of them; --input may repeat) give OpenAI Batch output
+and error files (see README "OpenAI Batch files"):
+
+    python -m jobs.caption --input s3://b/batch/requests.jsonl --output s3://b/batch/out \
+        --set openai_batch.accepted_model_names=[gpt-4o-mini]
+
+See the plan first (stages, replicas, placement, memory per replica; no engine, no GPU):
+
+    python -m jobs.caption --input s3://b/in --output s3://b/out --config configs/gpu-fp8.yaml --dry-run
 
 Examples of overrides (any config field, YAML values):
 
     --set engine.tensor_parallel_size=1 --set batch.engine_replicas=[1,8] --set sampling.max_tokens=64
+    --set report.gpu_hourly_usd=2.49            # cost estimate in the report ($ per 1M images)
+    --set runtime.metrics_export_port=8080      # embedded Ray's Prometheus endpoint (/metrics)
+
+While it runs: Ray Data's progress bars, and every report.status_interval_s a line with rows done,
+rows/s, generated tokens/s, errors by kind and the ETA. After it: OUTPUT/_manifest.json and
+OUTPUT/_report/report.html (self-contained; charts also as OUTPUT/_report/*.png). Rebuild the report, say
+with another price: python -m jobs.report OUTPUT --set report.gpu_hourly_usd=3.0
 
 Rerunning the same command after a crash resumes: only records without output are processed, and every
 record ends with exactly one output row. Over a complete output it does nothing (exit 0) unless --overwrite.
@@ -30,7 +48,17 @@ logger = logging.getLogger("jobs.caption")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="parquet file or prefix (local path or s3://)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", action="append",
+                        help="parquet file or prefix, or OpenAI Batch request files (*.jsonl[.gz]) or prefixes of "
+                        "them, local or s3://; repeat for several files")
+    source.add_argument("--input-list", metavar="URI",
+                        help="text file (local or s3://) naming input files, one per line: process exactly "
+                        "those (jobs.schedule passes each tick's files this way)")
+    parser.add_argument("--input-format", choices=("auto", "parquet", "openai-batch"),
+                        help="input format (openai_batch.input_format); auto decides from the names")
+    parser.add_argument("--output-format", choices=("auto", "parquet", "openai-batch"),
+                        help="output format (openai_batch.output_format); auto follows the input")
     parser.add_argument("--output", required=True, help="output prefix (local path or s3://)")
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
@@ -39,19 +67,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the output prefix and start over (default: resume a partial output, leave a "
                         "complete one as it is)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (input rows and duplicates, stages, replicas, placement, expected "
+                        "memory per replica) and exit; starts no engine and takes no GPU")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, run_caption
+    from pipeline.batch import InputError, OutputExistsError, load_input_list
+    from pipeline.batch_job import run_batch_job
     from pipeline.checkpoint import CheckpointError
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
+    overrides += [f"openai_batch.{name}_format={value}" for name, value in
+                  (("input", args.input_format), ("output", args.output_format)) if value]
     try:
         config = PipelineConfig.load(args.config, overrides)
-        manifest = run_caption(config, args.input, args.output, overwrite=args.overwrite)
+        inputs = load_input_list(config, args.input_list) if args.input_list else args.input
+        if args.dry_run:
+            from pipeline.plan import format_plan, plan_run
+
+            print(format_plan(plan_run(config, inputs[0] if len(inputs) == 1 else inputs, args.output,
+                                       overwrite=args.overwrite)))
+            return 0
+        manifest = run_batch_job(config, inputs, args.output, overwrite=args.overwrite)
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2

@@ -1,7 +1,8 @@
 """gemma3-fp8-pipeline: Gemma-3-12b-it (FP8-dynamic) over image datasets on Ray Data, and online.
 
 The facade is lazy: importing it loads the config model only; vLLM, torch and Ray's LLM stack load
-inside the functions that need them. Batch: `build_caption_dataset`, `run_caption`; online: `build_app`
+inside the functions that need them. Batch: `build_caption_dataset`, `run_caption`, `run_batch_job` (either
+input format), `run_openai_batch` (OpenAI Batch files); online: `build_app`
 (the Ray Serve application), `run_serve`.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from .config import ConfigError, PipelineConfig
 
 __all__ = ["PipelineConfig", "ConfigError", "build_caption_dataset", "run_caption", "output_schema", "build_app",
-           "run_serve", "run_quantize"]
+           "run_serve", "run_quantize", "run_batch_job", "run_openai_batch"]
 
 _LAZY = {
     "build_caption_dataset": "pipeline.batch",
@@ -21,6 +22,8 @@ _LAZY = {
     "build_app": "pipeline.serve",
     "run_serve": "pipeline.serve",
     "run_quantize": "pipeline.quantize",  # needs the quantize environment (llm-compressor) to run
+    "run_batch_job": "pipeline.batch_job",  # parquet records or OpenAI Batch files, by input format
+    "run_openai_batch": "pipeline.openai_batch_run",
 }
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -32,14 +32,20 @@ from .images import ImageTarget, image_target
 from .faults import EngineGuardSettings, start_row_ledger, stop_row_ledger
 from .manifest import build_manifest
 from .prepare import PrepareRecords
+from .progress import RunProgress
+from .report import write_run_report
 from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, enable_checkpointing,
                      end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
 from .runtime import init_ray
-from .storage import join, make_filesystem, write_json
+from .storage import join, make_filesystem, read_text, write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MANIFEST_NAME", "InputError", "OutputExistsError", "build_caption_dataset", "run_caption"]
+
+
+# One parquet file or prefix, or an explicit list of parquet files (all local or all s3://).
+InputUri = Union[str, list[str]]
 
 
 class InputError(ValueError):
@@ -50,9 +56,9 @@ class InputError(ValueError):
 class InputPlan:
     """What the driver learns about the input before any row is processed."""
 
-    uri: str
+    uri: InputUri
     filesystem: pafs.FileSystem
-    path: str
+    path: str | list[str]
     schema: pa.Schema
     num_rows: int
     duplicate_ids: frozenset[str]
@@ -83,21 +89,22 @@ def plan_model(config: PipelineConfig) -> ModelPlan:
     return ModelPlan(info, target, stop_ids)
 
 
-def plan_input(config: PipelineConfig, input_uri: str) -> InputPlan:
+def plan_input(config: PipelineConfig, input_uri: InputUri) -> InputPlan:
     """Check the input's schema and find duplicate ids with one pass over the id column."""
     import ray
 
-    fs, path = make_filesystem(config.storage, input_uri)
+    fs, path = _input_location(config, input_uri)
+    label = input_uri if isinstance(input_uri, str) else f"{len(input_uri)} listed files"
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
     except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot read parquet input {input_uri}: {exc}") from None
+        raise InputError(f"cannot read parquet input {label}: {exc}") from None
     if not dataset.files:
-        raise InputError(f"no parquet files under {input_uri}")
+        raise InputError(f"no parquet files under {label}")
     schema = dataset.schema
     problems = R.check_input_schema(schema)
     if problems:
-        raise InputError(f"{input_uri}: " + "; ".join(problems))
+        raise InputError(f"{label}: " + "; ".join(problems))
     ids = ray.data.read_parquet(path, filesystem=fs, columns=[R.ID])
     if not pa.types.is_string(schema.field(R.ID).type):
         ids = ids.map_batches(_ids_as_strings, batch_format="pyarrow")
@@ -109,8 +116,32 @@ def plan_input(config: PipelineConfig, input_uri: str) -> InputPlan:
     missing = sum(r["count()"] for r in counts if r[R.ID] is None)
     num_rows = sum(r["count()"] for r in counts)
     logger.info("input %s: %d rows in %d files, %d duplicated ids, %d rows without id",
-                input_uri, num_rows, len(dataset.files), len(duplicates), missing)
+                label, num_rows, len(dataset.files), len(duplicates), missing)
     return InputPlan(input_uri, fs, path, schema, num_rows, duplicates, missing)
+
+
+def _input_location(config: PipelineConfig, input_uri: InputUri) -> tuple[pafs.FileSystem, str | list[str]]:
+    """The filesystem and path(s) of the input: one file or prefix, or a list of files on one filesystem
+    (a scheduled tick captions exactly the files it claimed; pyarrow and Ray Data read lists as they are)."""
+    if isinstance(input_uri, str):
+        return make_filesystem(config.storage, input_uri)
+    if not input_uri:
+        raise InputError("the input list is empty")
+    located = [make_filesystem(config.storage, uri) for uri in input_uri]
+    if len({type(fs) for fs, _ in located}) > 1:
+        raise InputError("the input list mixes local paths and s3:// URIs; give one kind per run")
+    return located[0][0], [path for _, path in located]
+
+
+def load_input_list(config: PipelineConfig, list_uri: str) -> list[str]:
+    """The input URIs listed in a text file (local or s3://): one per line; blank lines and # comments skipped."""
+    text = read_text(config.storage, list_uri)
+    if text is None:
+        raise InputError(f"input list {list_uri} does not exist")
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not uris:
+        raise InputError(f"input list {list_uri} names no file")
+    return uris
 
 
 def _ids_as_strings(batch: pa.Table) -> pa.Table:
@@ -140,7 +171,8 @@ def processor_config(config: PipelineConfig):
         tokenize_stage={"enabled": True, **cpu_stage},
         # The engine already detokenizes (SamplingParams.detokenize); a second pass would only cost CPU.
         detokenize_stage=False,
-        log_engine_metrics=False,
+        # vLLM's engine metrics on Ray's Prometheus endpoint, beside ours (pipeline/metrics.py).
+        log_engine_metrics=config.runtime.engine_metrics,
     )
 
 
@@ -229,8 +261,9 @@ def _pool_size(value: int | tuple[int, int]) -> dict[str, int]:
     return {"min_size": low, "max_size": high}
 
 
-def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Caption every record of `input_uri` into `output_uri`; returns the manifest it wrote.
+def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Caption every record of `input_uri` (a file, a prefix or a list of files) into `output_uri`; returns
+    the manifest it wrote.
 
     Rerunning after a crash resumes: only rows without output are processed, each input row ends with
     exactly one output row; a complete output is left as it is (its manifest is returned) unless
@@ -251,9 +284,12 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
     try:
         guard = EngineGuardSettings(ledger_name=ledger_name, max_engine_attempts=config.batch.max_engine_attempts)
         dataset, schema = build_caption_dataset(config, plan, model, guard)
-        enable_checkpointing(dataset, output)
-        dataset.write_parquet(output.path, filesystem=output.filesystem,
-                              max_rows_per_file=config.batch.rows_per_file)
+        # Status line + counters (pipeline/progress.py), over the rows this attempt still has to do.
+        with RunProgress(config, plan.num_rows - output.rows_done) as progress:
+            dataset = progress.observe(dataset)
+            enable_checkpointing(dataset, output)  # on the dataset that is written
+            dataset.write_parquet(output.path, filesystem=output.filesystem,
+                                  max_rows_per_file=config.batch.rows_per_file)
     except BaseException as exc:
         fail_attempt(config, output, input_uri, attempt, exc, **stop_row_ledger(ledger))
         raise
@@ -269,6 +305,7 @@ def run_caption(config: PipelineConfig, input_uri: str, output_uri: str, *, over
     manifest = finish_manifest(manifest, output, exactly_once)
     write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
     finish_output(config, output, manifest)
+    write_run_report(config, output_uri, manifest)  # _report/report.html + charts; logs, never raises
     # ----
     logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)

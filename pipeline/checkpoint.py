@@ -168,3 +168,33 @@ def check_checkpoint(info: CheckpointInfo, expected: str) -> None:
             logger.warning("%s: fine for vLLM, but its ignore list misses transformers' module names, so "
                            "transformers would quantize the vision tower on reload (NaN image logits); "
                            "requantize with jobs.quantize to use it outside vLLM", info.source)
+
+
+def checkpoint_weight_bytes(source: str, storage: StorageSection) -> Optional[int]:
+    """Bytes of the checkpoint's safetensors weights, without downloading them; None when unknown.
+
+    A sharded checkpoint's `model.safetensors.index.json` states the total; otherwise the files are
+    sized by listing (local directory, s3:// prefix) or by the hub's file metadata.
+    """
+    index = read_checkpoint_file(source, "model.safetensors.index.json", storage)
+    if index is not None:
+        total = (json.loads(index).get("metadata") or {}).get("total_size")
+        if isinstance(total, int):
+            return total
+    if is_s3(source):
+        bucket, prefix = split_s3(source.rstrip("/") + "/")
+        pages = make_s3_client(storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        sizes = [o["Size"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".safetensors")]
+        return sum(sizes) if sizes else None
+    local = Path(source)
+    if local.is_dir():
+        sizes = [p.stat().st_size for p in local.glob("*.safetensors")]
+        return sum(sizes) if sizes else None
+    try:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(source, ["model.safetensors"])
+        return sum(i.size for i in infos if getattr(i, "size", None)) or None
+    except Exception as exc:  # the size only feeds an estimate; the dry run says it is unknown
+        logger.warning("cannot size the weights of %s: %s", source, exc)
+        return None

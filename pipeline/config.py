@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -218,7 +218,7 @@ class BatchSection(_Section):
     )
     default_system: Optional[str] = Field(default=None, description="System prompt for records without one.")
     engine_replicas: Concurrency = Field(
-        default=1,
+        default=(1, 8),
         description="vLLM engine replicas: an int for a fixed pool, or (min, max) to autoscale with the "
         "cluster. Each replica takes tensor_parallel_size x pipeline_parallel_size GPUs.",
     )
@@ -357,6 +357,40 @@ class ServeSection(_Section):
             if not domain or "/" in domain or ":" in domain:
                 raise ValueError(f"expected bare host names such as images.example.com, got {domain!r}")
         return [d.lower().rstrip(".") for d in domains]
+InputFormat = Literal["auto", "parquet", "openai-batch"]
+
+
+class OpenAIBatchSection(_Section):
+    """OpenAI Batch API files as the batch job's input and output (pipeline/openai_batch*.py)."""
+
+    input_format: InputFormat = Field(
+        default="auto",
+        description="'auto' reads JSONL inputs (*.jsonl, *.jsonl.gz, or a prefix holding only those) as "
+        "OpenAI Batch request files and anything else as parquet records; or name the format.",
+    )
+    output_format: InputFormat = Field(
+        default="auto",
+        description="'auto' writes the input's format: OpenAI Batch output and error files for request "
+        "files, parquet rows for parquet records. Other combinations are refused.",
+    )
+    accepted_model_names: list[str] = Field(
+        default_factory=list,
+        description="Model names a request's body may name besides model.served_name (e.g. "
+        "'gpt-4o-mini', so that files written for OpenAI run unchanged). Any other name is an error "
+        "line with code model_not_found.",
+    )
+    max_request_bytes: int = Field(
+        default=48 * 2**20, ge=1024,
+        description="Largest request line. Base64 inflates an image by 4/3, so the default leaves room "
+        "for one image of images.max_bytes; longer lines become error lines without being parsed.",
+    )
+    max_tokens_cap: Optional[int] = Field(
+        default=None, ge=1,
+        description="Largest max_tokens / max_completion_tokens a request may ask for (larger is an error "
+        "line). Requests without one get sampling.max_tokens. None means half of engine.max_model_len.",
+    )
+
+
 BuiltinTool = Literal["calculate", "lookup", "image_metadata"]
 
 
@@ -435,11 +469,51 @@ class RuntimeSection(_Section):
         default_factory=dict,
         description="Environment variables for Ray workers and engine processes (e.g. HF_HUB_OFFLINE).",
     )
+    metrics_export_port: Optional[int] = Field(
+        default=None, ge=1, le=65535,
+        description="Port of Ray's Prometheus endpoint (each node's metrics agent serves /metrics there) "
+        "when the job starts its embedded local Ray. None lets Ray pick a free port. On a cluster the "
+        "port is `ray start --metrics-export-port`, and this field is ignored.",
+    )
+    engine_metrics: bool = Field(
+        default=True,
+        description="Export vLLM's engine metrics (queue, KV-cache use, prefix-cache hits, time to first "
+        "token...) through Ray's Prometheus endpoint, next to the pipeline's own counters (ray.data.llm "
+        "log_engine_metrics). Costs a little CPU per engine step.",
+    )
+
+
+class ReportSection(_Section):
+    """What an operator sees of a batch run: the status line while it runs, the report after."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Write `_report/report.html` (self-contained) and PNG charts under the output prefix "
+        "after each run. A failure to write them is logged; it never fails the run.",
+    )
+    status_interval_s: float = Field(
+        default=30.0, gt=0,
+        description="Seconds between two status lines on the driver (rows/s, tokens/s, errors, ETA). "
+        "Each line costs one call to a small Ray actor.",
+    )
+    gpu_hourly_usd: Optional[float] = Field(
+        default=None, ge=0,
+        description="Price of one GPU hour, for the report's cost estimate ($ per 1M images). None leaves "
+        "the estimate out. With engine.device=cpu it prices one engine worker hour instead.",
+    )
+    billed_gpus: Optional[int] = Field(
+        default=None, ge=1,
+        description="GPUs paid for during the run. None counts the engine's: the largest engine_replicas "
+        "x tensor_parallel_size x pipeline_parallel_size, held for the whole wall time.",
+    )
+    example_ids_per_error_kind: int = Field(
+        default=5, ge=0, description="Example ids the report lists for each error kind.",
+    )
 
 
 class PipelineConfig(_Section):
     """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, serve,
-    tools, runtime."""
+    tools, runtime, report, openai_batch."""
 
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -451,6 +525,8 @@ class PipelineConfig(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    openai_batch: OpenAIBatchSection = Field(default_factory=OpenAIBatchSection)
+    report: ReportSection = Field(default_factory=ReportSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -484,6 +560,14 @@ class PipelineConfig(_Section):
                 f"serve.target_ongoing_requests ({serve.target_ongoing_requests}) exceeds "
                 f"serve.max_ongoing_requests ({serve.max_ongoing_requests}): replicas would never look "
                 "busy enough to scale up"
+            )
+        openai_batch = self.openai_batch
+        if openai_batch.max_tokens_cap is None:
+            openai_batch.max_tokens_cap = max(self.sampling.max_tokens, self.engine.max_model_len // 2)
+        if openai_batch.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError(
+                f"openai_batch.max_tokens_cap ({openai_batch.max_tokens_cap}) must be below engine.max_model_len "
+                f"({self.engine.max_model_len}) to leave room for the prompt"
             )
         if self.engine.device == "cpu" and self.engine.kv_cache_memory_bytes is None:
             raise ValueError(
@@ -590,19 +674,64 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+    """One line per invalid field: its dotted name, what is wrong, what is allowed, and what was given.
+
+    Errors from the members of a union (`engine_replicas`: int or [min, max]) are folded into one line
+    that lists the accepted forms, rather than one cryptic line per member.
+    """
+    messages: dict[str, str] = {}
+    union_forms: dict[str, list[str]] = {}
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc, member = _split_union_member(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if member is not None:
+            union_forms.setdefault(where, []).append(_UNION_FORMS.get(member, member))
+            messages[where] = f"expected one of: {', '.join(union_forms[where])} (got {_shown(err.get('input'))})"
+            continue
         message = err["msg"]
+        section = _section_for(loc)
         if err["type"] == "extra_forbidden":
             message = "unknown field"
-            section = _section_for(err["loc"][:-1])
-            if section is not None:
-                message += f"; allowed: {', '.join(section.model_fields)}"
-        elif err["type"] == "literal_error":
-            message = f"{message} (got {err.get('input')!r})"
-        lines.append(f"  {where}: {message}")
-    return "\n".join(lines)
+            parent = _section_for(loc[:-1])
+            if parent is not None:
+                message += f"; allowed: {', '.join(parent.model_fields)}"
+        elif err["type"] in ("model_type", "dict_type") and section is not None and loc:
+            message = (f"expected a section (mapping) with fields: {', '.join(section.model_fields)} "
+                       f"(got {_shown(err.get('input'))})")
+        elif err["type"] not in ("missing", "value_error") and "input" in err and not isinstance(err["input"], dict):
+            message = f"{message} (got {_shown(err['input'])})"
+        messages[where] = message if where not in messages else messages[where] + "; " + message
+    return "\n".join([f"{source}: invalid configuration"] + [f"  {k}: {v}" for k, v in messages.items()])
+
+
+# How the members of our union fields are named to a user (pydantic names them by type).
+_UNION_FORMS = {"int": "an int (fixed pool)", "tuple[int, int]": "[min, max] (autoscaling pool)"}
+
+
+def _split_union_member(loc: tuple) -> tuple[tuple, Optional[str]]:
+    """(field location, member) for an error inside one member of a union field, else (loc, None).
+
+    Pydantic appends the member's type (`int`, `tuple[int, int]`) to the location of such errors.
+    """
+    model: type[BaseModel] = PipelineConfig
+    for index, part in enumerate(loc):
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return loc, None  # an unknown field: reported as such
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        rest = loc[index + 1:]
+        if rest and isinstance(rest[0], str) and get_origin(annotation) is Union:
+            return loc[:index + 1], rest[0]
+        return loc, None
+    return loc, None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _section_for(loc: tuple) -> Optional[type[BaseModel]]:

@@ -8,6 +8,7 @@ the one output schema.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -91,7 +92,8 @@ class OutputBuilder:
         row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE),
                     R.ROW_HASH: _as_row_hash(data.get(R.ROW_HASH)), R.MODEL: self.model_name,
                     R.TEXT: None, R.FINISH_REASON: None, R.PROMPT_TOKENS: None, R.COMPLETION_TOKENS: None,
-                    R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None})
+                    R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None,
+                    R.FINISHED_AT: datetime.now(timezone.utc), R.ENGINE_LATENCY_S: None})
         outcome = json.loads(data[R.TOOL_OUTCOME]) if data.get(R.TOOL_OUTCOME) else None
         if self.tools_enabled:
             row.update({R.TOOL_CALLS: None,
@@ -111,7 +113,8 @@ class OutputBuilder:
             row.update({R.TEXT: data.get("generated_text", ""),
                         R.PROMPT_TOKENS: data.get("num_input_tokens"),
                         R.COMPLETION_TOKENS: data.get("num_generated_tokens", len(tokens)),
-                        R.FINISH_REASON: self.finish_reason(tokens)})
+                        R.FINISH_REASON: self.finish_reason(tokens),
+                        R.ENGINE_LATENCY_S: _latency_s(data.get("time_taken_llm"))})
             if outcome is not None:
                 # The text around the calls (None when the turn was only calls), as the endpoint's
                 # message.content; the finish reason of a turn that ends in calls, as OpenAI's.
@@ -146,6 +149,11 @@ class FinalizeRows:
         rows = batch.select(columns).to_pylist()
         finished = [self.builder(row) if row.get(INFERENCE_ERROR) else row for row in rows]
         return pa.Table.from_pylist(finished, schema=self.builder.schema)
+
+
+def _latency_s(value: Any) -> Optional[float]:
+    """Ray's `time_taken_llm` in seconds; it writes -1 for a request the engine failed."""
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None
 
 
 def _as_id(value: Any) -> Optional[str]:

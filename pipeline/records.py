@@ -43,6 +43,12 @@ SOURCE = "source"
 # its checkpoint filter needs it (pipeline.resume). Stable across reruns over the same input files; an
 # input column of this name is replaced.
 ROW_HASH = "row_hash"
+# When the row left the engine (or, for a row that never reached it, when it was finalised), and the
+# seconds its request spent in Ray's engine stage, from submission (its wait for an engine slot
+# included) to the last token (Ray's `time_taken_llm`); null for rows the engine did not answer. They
+# feed the run report's throughput-over-time and latency charts (pipeline/report.py).
+FINISHED_AT = "finished_at"
+ENGINE_LATENCY_S = "engine_latency_s"
 
 OUTPUT_FIELDS = [
     pa.field(ID, pa.string()),
@@ -56,6 +62,8 @@ OUTPUT_FIELDS = [
     pa.field(ERROR_STAGE, pa.string()),
     pa.field(SOURCE, pa.string()),
     pa.field(ROW_HASH, pa.uint64()),
+    pa.field(FINISHED_AT, pa.timestamp("ms", tz="UTC")),
+    pa.field(ENGINE_LATENCY_S, pa.float64()),
 ]
 # Written only by jobs that offer tools (config tools.builtins, or an input `tools` column); null on rows
 # without tools. Both hold JSON: the calls of the model's last turn that the pipeline did not run, as

@@ -91,21 +91,25 @@ class OutputState:
         return f"{self.path}/{CHECKPOINT_DIR}"
 
 
-def fingerprint_input(config: PipelineConfig, input_uri: str) -> dict[str, Any]:
+def fingerprint_input(config: PipelineConfig, input_uri: str | list[str]) -> dict[str, Any]:
     """The input's files and sizes, hashed: a rerun over changed files cannot reuse row keys.
 
-    A listing only (no file is opened); hidden names (`_`, `.`) are skipped, as readers skip them."""
-    fs, path = make_filesystem(config.storage, input_uri)
-    try:
-        info = fs.get_file_info(path)
-        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
-            pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError:
-        infos = []
-    files = sorted((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File
-                   and not any(part.startswith(("_", ".")) for part in i.path[len(path):].split("/") if part))
-    digest = hashlib.sha256("\n".join(f"{f}\t{s}" for f, s in files).encode()).hexdigest() if files else None
-    return {"files": len(files), "bytes": sum(s for _, s in files), "digest": digest}
+    A listing only (no file is opened); hidden names (`_`, `.`) are skipped, as readers skip them. A list
+    of inputs (jobs.schedule's --input-list) is fingerprinted as the union of its files."""
+    files: set[tuple[str, int]] = set()
+    for uri in [input_uri] if isinstance(input_uri, str) else input_uri:
+        fs, path = make_filesystem(config.storage, uri)
+        try:
+            info = fs.get_file_info(path)
+            infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+                pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except OSError:
+            infos = []
+        files.update((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File
+                     and not any(part.startswith(("_", ".")) for part in i.path[len(path):].split("/") if part))
+    ordered = sorted(files)
+    digest = hashlib.sha256("\n".join(f"{f}\t{s}" for f, s in ordered).encode()).hexdigest() if ordered else None
+    return {"files": len(ordered), "bytes": sum(s for _, s in ordered), "digest": digest}
 
 
 def output_config_digest(config: PipelineConfig) -> str:

@@ -20,5 +20,11 @@ def init_ray(config: PipelineConfig) -> None:
         logger.info("joining Ray cluster at %s", runtime.ray_address)
         ray.init(address=runtime.ray_address, runtime_env=env, log_to_driver=True)
     else:
-        logger.info("starting embedded local Ray (num_cpus=%s)", runtime.local_num_cpus or "auto")
-        ray.init(num_cpus=runtime.local_num_cpus, include_dashboard=False, runtime_env=env)
+        logger.info("starting embedded local Ray (num_cpus=%s, Prometheus metrics on port %s)",
+                    runtime.local_num_cpus or "auto", runtime.metrics_export_port or "chosen by Ray")
+        # "local" always starts a new instance: with no address, ray.init() would join whatever cluster
+        # `ray start` last left on this machine (/tmp/ray/ray_current_cluster), someone else's included.
+        # The metrics agent runs without the dashboard; it serves ray.util.metrics and vLLM's engine
+        # metrics on this port (pipeline/metrics.py).
+        ray.init(address="local", num_cpus=runtime.local_num_cpus, include_dashboard=False, runtime_env=env,
+                 _metrics_export_port=runtime.metrics_export_port)

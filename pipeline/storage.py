@@ -86,6 +86,16 @@ def write_json(storage: StorageSection, uri: str, payload: dict[str, Any]) -> No
     fs.move(temporary, path)
 
 
+def write_bytes(storage: StorageSection, uri: str, data: bytes) -> None:
+    """Write a small file (a report, a chart) to a local path or S3, replacing any previous one."""
+    fs, path = make_filesystem(storage, uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, pafs.LocalFileSystem) and parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
 def read_json(storage: StorageSection, uri: str) -> Optional[dict[str, Any]]:
     """Read a small JSON document; None when it does not exist."""
     fs, path = make_filesystem(storage, uri)
@@ -93,6 +103,15 @@ def read_json(storage: StorageSection, uri: str) -> Optional[dict[str, Any]]:
         return None
     with fs.open_input_stream(path) as stream:
         return json.loads(stream.read())
+
+
+def read_text(storage: StorageSection, uri: str) -> Optional[str]:
+    """Read a small UTF-8 text file (an input list); None when it does not exist."""
+    fs, path = make_filesystem(storage, uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
 
 
 def join(uri: str, name: str) -> str:

@@ -133,3 +133,6 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
     assert manifest["throughput"]["rows_per_s"] > 0
     assert manifest["model"]["scheme"] == "none" and manifest["versions"]["ray"] == "2.60.0"
     assert manifest["config"]["engine"]["device"] == "cpu"
+    # The run report lands beside the manifest on S3 too (and parquet readers above skipped it).
+    report = client.get_object(Bucket="data", Key="output/run1/_report/report.html")["Body"].read().decode()
+    assert 'data-metric="rows_out" data-value="35"' in report

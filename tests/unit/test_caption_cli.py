@@ -59,3 +59,22 @@ def test_complete_output_is_left_alone_without_starting_ray(tmp_path, caplog):
     assert code == 0 and "is already complete (3 rows for 3 input rows); nothing to do" in caplog.text
     assert "starting embedded local Ray" not in caplog.text
     assert json.loads((out / "_manifest.json").read_text()) == manifest
+
+
+def test_help_shows_examples_dry_run_and_report(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        caption.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for expected in ("python -m jobs.caption --input data/records --output out/captions", "ray job submit",
+                     "--dry-run", "--set batch.engine_replicas=[1,8]", "report.gpu_hourly_usd",
+                     "runtime.metrics_export_port", "_report/report.html", "python -m jobs.report", "Exit codes"):
+        assert expected in out, expected
+
+
+def test_dry_run_refuses_an_invalid_config_like_the_run(tmp_path, caplog):
+    code, log = run(["--input", "x", "--output", str(tmp_path / "o"), "--dry-run", "--set", "engine.device=tpu"],
+                    caplog)
+    assert code == 2 and "engine.device: Input should be 'gpu' or 'cpu' (got 'tpu')" in log

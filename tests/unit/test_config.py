@@ -35,6 +35,18 @@ def test_yaml_then_overrides(tmp_path):
     pytest.param(["engine.device=cpu"], "kv_cache_memory_bytes is required", id="cpu-needs-kv-cap"),
     pytest.param(["sampling.max_tokens=9000"], "must be below engine.max_model_len", id="tokens-vs-context"),
     pytest.param(["nonsense"], "expected section.field=value", id="bad-override"),
+    pytest.param(["model.quantization=fp8"], "model.quantization: Input should be 'fp8-dynamic', 'none' or 'any' "
+                 "(got 'fp8')", id="literal-lists-allowed-and-given"),
+    pytest.param(["batch.engine_replicas=abc"], "batch.engine_replicas: expected one of: an int (fixed pool), "
+                 "[min, max] (autoscaling pool) (got 'abc')", id="union-folded-into-one-line"),
+    pytest.param(["engine=3"], "engine: expected a section (mapping) with fields: device, tensor_parallel_size",
+                 id="section-not-a-mapping"),
+    pytest.param(["nosuch.field=1"], "nosuch: unknown field; allowed: model, engine, sampling, images, fetch, "
+                 "storage, batch, serve, tools, runtime, openai_batch, report", id="unknown-section"),
+    pytest.param(["report.gpu_hourly_usd=-1"], "report.gpu_hourly_usd: Input should be greater than or equal to 0 "
+                 "(got -1)", id="bound-shows-value"),
+    pytest.param(["runtime.metrics_export_port=70000"], "runtime.metrics_export_port: Input should be less than "
+                 "or equal to 65535", id="port-range"),
 ])
 def test_errors_name_the_field(overrides, expected):
     with pytest.raises(ConfigError) as info:
@@ -102,3 +114,18 @@ def test_endpoint_tool_arguments_name_the_plugin_and_template():
     assert Path(kwargs["tool_parser_plugin"]).name == "vllm_plugin.py" and Path(kwargs["tool_parser_plugin"]).exists()
     assert Path(kwargs["chat_template"]).name == "gemma3_tools.jinja" and Path(kwargs["chat_template"]).exists()
     assert not set(kwargs) & set(engine_kwargs(PipelineConfig.load(environ={}))), "never batch engine args"
+
+
+def test_union_errors_are_one_line_per_field():
+    with pytest.raises(ConfigError) as info:
+        PipelineConfig.load(overrides=["batch.engine_replicas=[1,2,3]"], environ={})
+    lines = str(info.value).splitlines()
+    assert lines[1:] == ["  batch.engine_replicas: expected one of: an int (fixed pool), [min, max] (autoscaling "
+                         "pool) (got (1, 2, 3))"]
+
+
+def test_report_and_metrics_fields():
+    config = PipelineConfig.load(overrides=["report.gpu_hourly_usd=2.49", "runtime.metrics_export_port=8080"],
+                                 environ={})
+    assert config.report.gpu_hourly_usd == 2.49 and config.report.enabled and config.report.billed_gpus is None
+    assert config.runtime.metrics_export_port == 8080 and config.runtime.engine_metrics

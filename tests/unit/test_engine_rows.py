@@ -122,3 +122,21 @@ def test_outputs_of_tool_chains():
     plain = build({"id": "e", "generated_text": "a cat", "num_input_tokens": 3, "num_generated_tokens": 1,
                    "generated_tokens": [1]})
     assert (plain[R.TEXT], plain[R.TOOL_CALLS], plain[R.TRANSCRIPT]) == ("a cat", None, None)
+
+
+def test_rows_carry_finish_time_and_engine_latency():
+    from datetime import datetime, timezone
+
+    build = OutputBuilder(CONFIG, SCHEMA, stop_token_ids=[1])
+    before = datetime.now(timezone.utc)
+    ok = build({"id": "a", "generated_text": "t", "num_input_tokens": 3, "num_generated_tokens": 1,
+                "generated_tokens": [1], "time_taken_llm": 1.25})
+    assert ok[R.ENGINE_LATENCY_S] == 1.25 and before <= ok[R.FINISHED_AT] <= datetime.now(timezone.utc)
+    # Ray writes time_taken_llm = -1 for a request the engine failed; rows that never reached it have none.
+    failed = build({"id": "b", INFERENCE_ERROR: "ValueError: x", "time_taken_llm": -1})
+    prepared = build({"id": "c", INFERENCE_ERROR: "m", R.ROW_ERROR: "empty_image: e", R.ROW_ERROR_KIND: "empty_image",
+                      R.ROW_ERROR_STAGE: "image"})
+    assert failed[R.ENGINE_LATENCY_S] is None and prepared[R.ENGINE_LATENCY_S] is None
+    assert prepared[R.FINISHED_AT] is not None
+    table = pa.Table.from_pylist([ok, failed, prepared], schema=SCHEMA)
+    assert table.schema.field(R.FINISHED_AT).type == pa.timestamp("ms", tz="UTC")

@@ -1,0 +1,175 @@
+"""Online latency of engine layouts on the same GPUs: one TP=N vLLM server vs N servers of TP=1.
+
+    python -m bench.online_latency CHECKPOINT --layout tp2|2x1 [--concurrency 1,8,64] [--duration-s 30]
+
+For each number of concurrent streams, clients send W1 requests (a distinct 896 px image each, so no
+cache flatters either layout; 128 tokens out, streamed) for a fixed time, spread round-robin over the
+servers. Printed per level: requests/s, latency and time-to-first-token p50/p99. vLLM's own OpenAI
+server stands in for our Ray Serve endpoint because Ray 2.60's `ray.serve.llm` does not import with the
+vLLM 0.26 the GPU image can run (../shared/gpu/README.md); the engine layout is what is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import GENERATED_TOKENS, W1_PROMPT, card_name, emit
+
+SERVED = "gemma-3-12b-it"
+
+
+def parse_layout(layout: str) -> tuple[int, int]:
+    """'tp2' -> (1 server, TP 2); '2x1' -> (2 servers, TP 1)."""
+    if layout.startswith("tp"):
+        return 1, int(layout[2:])
+    servers, tp = layout.split("x")
+    return int(servers), int(tp)
+
+
+def start_servers(checkpoint: str, layout: str, base_port: int, extra: list[str], log_dir: Path,
+                  max_model_len: int = 8192):
+    servers, tp = parse_layout(layout)
+    processes, urls = [], []
+    for index in range(servers):
+        port = base_port + index
+        devices = ",".join(str(index * tp + k) for k in range(tp))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+                   "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
+                   "--tensor-parallel-size", str(tp), "--max-model-len", str(max_model_len), "--max-num-seqs", "256",
+                   "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
+                   "--hf-overrides", json.dumps({"architectures": ["Gemma3FastImagesForConditionalGeneration"]}),
+                   *extra]
+        log = open(log_dir / f"server-{layout}-{index}.log", "w")
+        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        urls.append(f"http://127.0.0.1:{port}/v1")
+    return processes, urls
+
+
+def wait_ready(processes, urls, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    pending = set(urls)
+    while pending:
+        for process in processes:
+            if process.poll() is not None:
+                raise SystemExit(f"a vLLM server exited with {process.returncode}")
+        for url in list(pending):
+            try:
+                if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                    pending.discard(url)
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"servers not ready after {timeout_s}s: {sorted(pending)}")
+        time.sleep(2)
+
+
+async def stream_one(client, image_url: str, max_tokens: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    first = None
+    stream = await client.chat.completions.create(
+        model=SERVED, stream=True, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                               {"type": "text", "text": W1_PROMPT}]}])
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return end - started, (first or end) - started
+
+
+async def load(urls: list[str], images: list[str], streams: int, duration_s: float, max_tokens: int) -> dict:
+    import openai
+
+    clients = [openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for url in urls]
+    latencies, ttfts, errors = [], [], 0
+    counter = iter(range(10**9))
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker():
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            n = next(counter)
+            try:
+                latency, ttft = await stream_one(clients[n % len(clients)], images[n % len(images)], max_tokens)
+                latencies.append(latency)
+                ttfts.append(ttft)
+            except openai.APIError:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        await client.close()
+
+    def q(values, fraction):
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 3) if ordered else None
+
+    return {"streams": streams, "ok": len(latencies), "errors": errors, "seconds": round(elapsed, 1),
+            "requests_per_s": round(len(latencies) / elapsed, 2),
+            "latency_p50_s": q(latencies, 0.5), "latency_p99_s": q(latencies, 0.99),
+            "ttft_p50_s": q(ttfts, 0.5), "ttft_p99_s": q(ttfts, 0.99),
+            "latency_mean_s": round(statistics.mean(latencies), 3) if latencies else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--layout", required=True, help="tpN (one server) or NxT (N servers of TP T)")
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--duration-s", type=float, default=30)
+    parser.add_argument("--max-tokens", type=int, default=GENERATED_TOKENS)
+    parser.add_argument("--images", type=int, default=2048, help="distinct W1 images to cycle through")
+    parser.add_argument("--base-port", type=int, default=18100)
+    parser.add_argument("--workdir", default="/tmp/bench")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra vLLM server argument")
+    parser.add_argument("--ready-timeout-s", type=float, default=900)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    args = parser.parse_args(argv)
+
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.common import w1_image_bytes
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(8) as pool:
+        blobs = list(pool.map(w1_image_bytes, range(200_000, 200_000 + args.images), chunksize=32))
+    images = ["data:image/jpeg;base64," + base64.b64encode(b).decode() for b in blobs]
+    extra = [item for arg in args.server_arg for item in arg.split(" ", 1)]
+    processes, urls = start_servers(args.checkpoint, args.layout, args.base_port, extra, workdir, args.max_model_len)
+    try:
+        started = time.perf_counter()
+        wait_ready(processes, urls, args.ready_timeout_s)
+        startup_s = time.perf_counter() - started
+        asyncio.run(load(urls, images[:8], 2, 5, 8))  # warm-up, not counted
+        for streams in [int(c) for c in args.concurrency.split(",")]:
+            result = asyncio.run(load(urls, images, streams, args.duration_s, args.max_tokens))
+            emit({"label": args.label, "engine": f"vLLM OpenAI server, layout {args.layout}", "workload": "W1-online",
+                  "checkpoint": args.checkpoint, "card": card_name(), "startup_s": round(startup_s, 1), **result})
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""A real local Ray head (`ray start --head`) for tests, started and stopped without touching other Ray
+clusters on the machine.
+
+`ray stop` is not an option: in Ray 2.60 it has no --address and terminates every Ray process of every
+user on the machine (it matches process names: raylet, gcs_server, ...). Instead:
+
+- the head runs as `ray start --head --block` in a session of its own, with its own `--temp-dir` and free
+  ports for everything that would otherwise take a fixed one (GCS 6379, client server 10001, dashboard
+  8265, dashboard agent 52365), so it neither collides with nor is found by another cluster
+  (`ray.init("auto")` elsewhere reads /tmp/ray, not our temp dir);
+- stopping sends SIGTERM to that `ray start` process, which (with --block) shuts down the processes of
+  its node; then whatever is left of its process tree, and any process whose command line names our
+  temp dir (workers re-parented elsewhere), is terminated by PID.
+
+    with LocalRayHead(num_cpus=8, env={...}) as head:
+        JobSubmissionClient(head.dashboard_url).submit_job(...)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in ports and port < 60000:
+                ports.append(port)
+            sockets.append(sock)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+class LocalRayHead:
+    def __init__(self, num_cpus: int = 8, env: Optional[dict[str, str]] = None, ray_binary: Optional[str] = None):
+        self.num_cpus = num_cpus
+        self.env = dict(env or {})
+        self.ray_binary = ray_binary or str(Path(sys.executable).parent / "ray")
+        # Short: Ray's unix sockets live under it and must stay below 108 characters.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
+        ports = _free_ports(8)
+        self.port, self.dashboard_port = ports[0], ports[1]
+        self._extra_ports = {"--ray-client-server-port": ports[2], "--dashboard-agent-listen-port": ports[3],
+                             "--dashboard-agent-grpc-port": ports[4], "--runtime-env-agent-port": ports[5],
+                             "--metrics-export-port": ports[6], "--node-manager-port": ports[7]}
+        self.process: Optional[subprocess.Popen] = None
+        self.log_path = self.temp_dir / "ray-start.log"
+        # Its own auth token: Ray 2.60's `ray start` turns token authentication on when ~/.ray/auth_token
+        # exists, and would then share that token with every other local cluster.
+        self.token_path = self.temp_dir / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def client_env(self) -> dict[str, str]:
+        """Variables that let Ray's clients (and jobs.submit) authenticate to this head."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def start(self, timeout_s: float = 180.0) -> "LocalRayHead":
+        command = [self.ray_binary, "start", "--head", "--block", f"--port={self.port}",
+                   f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
+                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={self.dashboard_port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        command += [f"{flag}={port}" for flag, port in self._extra_ports.items()]
+        env = {**os.environ, **self.env, **self.client_env()}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)
+        # Jobs run `python ...` from the head's PATH: this interpreter's environment comes first.
+        env["PATH"] = f"{Path(self.ray_binary).parent}{os.pathsep}{env.get('PATH', '')}"
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("Ray head (pid %d) ready: GCS %s, job API %s", self.process.pid, self.address, self.dashboard_url)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Until the job API answers Ray's own client (which also sends the cluster's auth token: Ray 2.60
+        uses token authentication whenever a token is configured)."""
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                JobSubmissionClient(self.dashboard_url, headers={"Authorization": f"Bearer {self.token}"}).get_version()
+                return
+            except (ConnectionError, RuntimeError, ValueError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"Ray head's job API not up after {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop this head and only its processes (see the module docstring)."""
+        import psutil
+
+        if self.process is None:
+            return
+        leftovers: list[psutil.Process] = []
+        try:
+            leftovers = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        marker = str(self.temp_dir)
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(marker in part for part in proc.info["cmdline"] or []):
+                    leftovers.append(proc)
+            except (psutil.Error, TypeError):
+                continue
+        alive = [p for p in {p.pid: p for p in leftovers}.values() if p.is_running()]
+        for proc in alive:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=10)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if still or alive:
+            logger.info("Ray head: terminated %d leftover processes", len(alive))
+        self.process = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRayHead":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

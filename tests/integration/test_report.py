@@ -1,0 +1,332 @@
+"""The run report, status line, metrics and dry run, from one real caption run on the tiny model.
+
+One job runs per module (real vLLM CPU engine, real local Ray) over a small local dataset with good and
+bad records. While it runs, the test scrapes Ray's Prometheus endpoint; after it, every test reads the
+same output: the report's numbers against the manifest and the output rows, its charts, a headless
+Chromium screenshot of the page, the status lines in the job's log, and the dry run's plan.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.testing.sample_data import sample_images
+from tests.conftest import TINY_CPU_CONFIG, run_job
+
+pytestmark = pytest.mark.integration
+
+GOOD = 10
+PRICE_USD = 2.5
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_uri", pa.string()), ("note", pa.string())])
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+@dataclass
+class Run:
+    input_dir: Path
+    output: Path
+    result: subprocess.CompletedProcess
+    manifest: dict
+    html: str
+    rows: list[dict]
+    scraped: dict = field(default_factory=dict)
+
+
+def _records(images_dir: Path) -> list[dict]:
+    records = [{"id": f"good-{i:02d}", "image": s.data, "image_uri": None, "note": s.name}
+               for i, s in enumerate(sample_images(GOOD))]
+    jpeg = records[0]["image"]
+    records += [
+        {"id": "bad-not-image-1", "image": b"plain text, not a picture " * 4, "image_uri": None, "note": None},
+        {"id": "bad-not-image-2", "image": b"%PDF-1.4 " * 10, "image_uri": None, "note": None},
+        {"id": "bad-missing-file", "image": None, "image_uri": str(images_dir / "absent.jpg"), "note": None},
+        {"id": "bad-no-image", "image": None, "image_uri": None, "note": None},
+        {"id": "dup", "image": jpeg, "image_uri": None, "note": "dup-1"},
+        {"id": "dup", "image": jpeg, "image_uri": None, "note": "dup-2"},
+        {"id": None, "image": jpeg, "image_uri": None, "note": "no-id"},
+    ]
+    return records
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Labels that differ between the processes reporting one metric: dropped to sum over processes.
+PER_PROCESS_LABELS = r'(WorkerId|SessionName|NodeAddress|Component|Version|otel_[a-z_]+)="[^"]*",?'
+
+
+class MetricsScraper(threading.Thread):
+    """Polls Ray's Prometheus endpoint while the job runs; keeps metric names and the largest values."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.stop = threading.Event()
+        self.names: set[str] = set()
+        self.largest: dict[str, float] = {}
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                body = urllib.request.urlopen(self.url, timeout=2).read().decode()
+            except OSError:
+                continue
+            totals: Counter = Counter()
+            for line in body.splitlines():
+                match = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$", line)
+                if match:
+                    self.names.add(match.group(1))
+                    if match.group(1).startswith("ray_pipeline_"):
+                        key = match.group(1) + re.sub(PER_PROCESS_LABELS, "", match.group(2) or "")
+                        totals[key] += float(match.group(3))
+            for key, value in totals.items():
+                self.largest[key] = max(self.largest.get(key, 0.0), value)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model) -> Run:
+    base = tmp_path_factory.mktemp("report-run")
+    images_dir = base / "images"
+    images_dir.mkdir()
+    input_dir = base / "input"
+    input_dir.mkdir()
+    records = _records(images_dir)
+    for part in range(2):
+        pq.write_table(pa.Table.from_pylist(records[part::2], schema=SCHEMA), input_dir / f"part-{part}.parquet")
+    output = base / "output"
+    port = _free_port()
+    scraper = MetricsScraper(port)
+    scraper.start()
+    # Ray's metrics reach the endpoint every 10 s by default; 1 s lets a short run show up.
+    result = run_job("jobs.caption", "--input", str(input_dir), "--output", str(output),
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+                     "--set", "batch.rows_per_file=5", "--set", f"report.gpu_hourly_usd={PRICE_USD}",
+                     "--set", "report.status_interval_s=2", "--set", f"runtime.metrics_export_port={port}",
+                     env={"RAY_metrics_report_interval_ms": "1000"})
+    scraper.stop.set()
+    scraper.join()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+    manifest = json.loads((output / "_manifest.json").read_text())
+    html = (output / "_report" / "report.html").read_text()
+    rows = pads.dataset(output, format="parquet").to_table().to_pylist()
+    return Run(input_dir, output, result, manifest, html, rows,
+               {"names": scraper.names, "largest": scraper.largest})
+
+
+class _Page(HTMLParser):
+    """The report's machine-readable parts: data-metric values, error rows, example ids, images."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: dict[str, object] = {}
+        self.error_counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self.images: list[dict[str, str]] = []
+        self.charts: list[str] = []
+        self.tags: Counter = Counter()
+        self._kind = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags[tag] += 1
+        if "data-metric" in a:
+            self.metrics[a["data-metric"]] = json.loads(a["data-value"]) if a["data-value"] else None
+        if "data-error-kind" in a:
+            self._kind = a["data-error-kind"]
+            self.error_counts[self._kind] = int(a["data-count"])
+        if "data-example-id" in a:
+            self.examples.setdefault(self._kind, []).append(a["data-example-id"])
+        if "data-example-source" in a:
+            self.examples.setdefault(self._kind, []).append(None)
+        if tag == "figure" and "data-chart" in a:
+            self.charts.append(a["data-chart"])
+        if tag in ("img", "script", "link", "iframe"):
+            self.images.append({"tag": tag, **a})
+
+
+def _page(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    return page
+
+
+def test_job_writes_report_and_charts_beside_the_output(run):
+    report_dir = run.output / "_report"
+    assert sorted(p.name for p in report_dir.iterdir()) == ["errors.png", "latency.png", "report.html",
+                                                          "throughput.png", "tokens.png"]
+    for png in report_dir.glob("*.png"):
+        image = Image.open(png)
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 200
+    # Parquet readers skip `_report/`: the output still reads as exactly the manifest's rows.
+    assert len(run.rows) == run.manifest["counts"]["rows_out"] == run.manifest["counts"]["rows_in"] == GOOD + 7
+    assert "report: " in run.result.stderr and "_report/report.html" in run.result.stderr
+
+
+def test_report_numbers_equal_the_manifest(run):
+    page, m = _page(run.html), run.manifest
+    counts, tokens, speed = m["counts"], m["tokens"], m["throughput"]
+    assert page.metrics["status"] == m["status"] == "complete"
+    expected = {"rows_in": counts["rows_in"], "rows_out": counts["rows_out"], "ok": counts["ok"],
+                "errors": counts["errors"], "wall_s": m["wall_s"], "rows_per_s": speed["rows_per_s"],
+                "completion_tokens_per_s": speed["completion_tokens_per_s"],
+                "total_tokens_per_s": speed["total_tokens_per_s"], "prompt_tokens": tokens["prompt"],
+                "completion_tokens": tokens["completion"]}
+    assert {k: page.metrics[k] for k in expected} == expected
+    assert counts["ok"] == GOOD and counts["errors"] == 7
+    # The visible text is the same number, formatted.
+    assert re.search(rf'data-metric="rows_out" data-value="{counts["rows_out"]}">{counts["rows_out"]}<', run.html)
+
+
+def test_report_errors_by_kind_with_example_ids_from_the_output(run):
+    page, m = _page(run.html), run.manifest
+    assert page.error_counts == m["counts"]["errors_by_kind"] == {
+        "duplicate_id": 2, "missing_id": 1, "missing_image": 1, "not_an_image": 2, "not_found": 1}
+    kinds_by_id = {}
+    for row in run.rows:
+        kinds_by_id.setdefault(row["id"], set()).add(row["error_kind"])
+    for kind, examples in page.examples.items():
+        assert len(examples) == page.error_counts[kind], "every example listed (fewer than the cap of 5)"
+        for example in examples:
+            assert kind in kinds_by_id[example], (kind, example)
+    assert sorted(page.examples["not_an_image"]) == ["bad-not-image-1", "bad-not-image-2"]
+    assert page.examples["missing_id"] == [None], "a row without id is shown by its source"
+    assert "part-" in run.html and ".parquet" in run.html
+
+
+def test_report_latency_and_cost_follow_the_rows_and_the_formula(run):
+    page, m = _page(run.html), run.manifest
+    answered = [r for r in run.rows if r["error"] is None]
+    latencies = [r["engine_latency_s"] for r in answered]
+    assert all(v is not None and v > 0 for v in latencies), "every answered row has its engine latency"
+    assert all(r["engine_latency_s"] is None for r in run.rows if r["error"] is not None)
+    assert page.metrics["latency_rows"] == len(answered) == GOOD
+    for q in (50, 90, 99):
+        assert page.metrics[f"latency_p{q}_s"] == pytest.approx(float(np.percentile(latencies, q)), abs=1e-4)
+    assert page.metrics["latency_max_s"] == pytest.approx(max(latencies), abs=1e-4)
+    # finished_at lies inside the run.
+    started = time.mktime(time.strptime(m["started"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    finished = [r["finished_at"].timestamp() for r in run.rows]
+    assert all(started - 1 <= t <= started + m["wall_s"] + 1 for t in finished)
+    # Cost: one engine worker (tiny CPU config: 1 replica x TP 1) for the wall time, at PRICE_USD/hour.
+    hours = m["wall_s"] * 1 / 3600
+    assert page.metrics["cost_billed"] == 1
+    assert page.metrics["cost_hourly_usd"] == PRICE_USD
+    assert page.metrics["cost_usd"] == pytest.approx(hours * PRICE_USD, abs=1e-6)
+    assert page.metrics["cost_usd_per_1m_images"] == pytest.approx(hours * PRICE_USD / m["counts"]["rows_out"] * 1e6,
+                                                                   abs=0.01)
+    assert page.metrics["cost_usd_per_1m_ok"] == pytest.approx(hours * PRICE_USD / m["counts"]["ok"] * 1e6, abs=0.01)
+    assert "held for the whole wall time" in run.html
+
+
+def test_report_is_self_contained(run):
+    page = _page(run.html)
+    assert page.tags["script"] == 0 and page.tags["link"] == 0 and page.tags["iframe"] == 0
+    assert not re.search(r'(src|href)="(https?:)?//', run.html), "nothing loads from the network"
+    assert sorted(page.charts) == ["errors", "latency", "throughput", "tokens"]
+    images = [i for i in page.images if i["tag"] == "img"]
+    assert len(images) == 4
+    for image in images:
+        assert image["src"].startswith("data:image/png;base64,")
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
+        assert decoded.format == "PNG" and decoded.width >= 600
+    # The inline charts are the PNG files written beside the report.
+    inline = {c: i["src"] for c, i in zip(page.charts, images)}
+    assert base64.b64decode(inline["latency"].split(",", 1)[1]) == (run.output / "_report" / "latency.png").read_bytes()
+    assert run.manifest["versions"]["ray"] in run.html and "kv_cache_memory_bytes" in run.html
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert chromium, "headless Chromium is required: `make test-deps` installs it (apt-get install chromium)"
+    shot = tmp_path / "report.png"
+    result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                             f"--screenshot={shot}", "--window-size=1280,2000",
+                             (run.output / "_report" / "report.html").as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert shot.exists(), result.stderr[-3000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2000)
+    pixels = np.asarray(image, dtype=float)
+    assert pixels.std() > 20, "not a blank page"
+    # The charts were drawn: the throughput bars' blue and the latency histogram's green are on screen.
+    for color in ((0x25, 0x63, 0xEB), (0x05, 0x96, 0x69)):
+        close = (np.abs(pixels - np.array(color)).sum(axis=2) < 30).sum()
+        assert close > 500, f"chart color {color} covers only {close} pixels"
+
+
+def test_status_lines_while_running(run):
+    log = run.result.stderr
+    lines = [line for line in log.splitlines() if "pipeline.progress" in line]
+    total = run.manifest["counts"]["rows_in"]
+    running = [line for line in lines if "pipeline.progress: progress: " in line]
+    assert running and all(f"/{total} rows" in line and "ETA" in line for line in running), log[-3000:]
+    final = [line for line in lines if "done: " in line]
+    assert len(final) == 1 and lines[-1] == final[0]
+    assert f"done: {total}/{total} rows (100.0%)" in final[0] and "rows/s" in final[0]
+    assert "errors 7: " in final[0] and "not_an_image 2" in final[0] and "duplicate_id 2" in final[0]
+
+
+def test_pipeline_and_engine_metrics_on_rays_prometheus_endpoint(run):
+    names, largest = run.scraped["names"], run.scraped["largest"]
+    assert "ray_pipeline_rows_total" in names, sorted(n for n in names if "pipeline" in n)
+    assert any(n.startswith("ray_vllm") for n in names), sorted(names)[:50]
+    ok = max((v for k, v in largest.items() if k.startswith("ray_pipeline_rows_total") and 'outcome="ok"' in k),
+             default=0)
+    assert 0 < ok <= GOOD
+
+
+def test_dry_run_prints_the_plan_without_an_engine(run, tiny_model):
+    before = sorted(p.name for p in run.output.rglob("*"))
+    result = run_job("jobs.caption", "--input", str(run.input_dir), "--output", str(run.output),
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model), "--dry-run", timeout_s=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    plan = result.stdout
+    assert "DRY RUN" in plan
+    assert f"{GOOD + 7} rows, 1 duplicated ids" in plan and "1 rows without id" in plan
+    assert "holds a finished run" in plan and "refuses it without --overwrite" in plan
+    assert "ray.data.llm vLLM engine: actor pool, one placement group per replica, replicas 1" in plan
+    assert '{"CPU": 1}' in plan and "STRICT_PACK" in plan
+    assert "no GPU (CPU engine)" in plan and "KV cache of one 1024-token sequence" in plan
+    weights = (Path(tiny_model) / "model.safetensors").stat().st_size
+    assert f"weights {weights / 2**20:,.2f} MiB" in plan
+    assert "RAM 1.00 GiB" in plan, "CPU engine: weights + engine.kv_cache_memory_bytes (1 GiB)"
+    assert "EngineCore" in run.result.stderr, "the run's log names vLLM's engine process..."
+    assert "EngineCore" not in result.stderr, "...the plan's does not: no engine started"
+    assert sorted(p.name for p in run.output.rglob("*")) == before, "the output is untouched"
+
+
+def test_report_can_be_rebuilt_with_another_price(run, tmp_path):
+    from jobs import report
+
+    copy = tmp_path / "output"
+    shutil.copytree(run.output, copy)
+    assert report.main([str(copy), "--gpu-hourly-usd", str(PRICE_USD * 2)]) == 0
+    before, after = _page(run.html).metrics, _page((copy / "_report" / "report.html").read_text()).metrics
+    assert after["cost_hourly_usd"] == PRICE_USD * 2
+    assert after["cost_usd"] == pytest.approx(run.manifest["wall_s"] / 3600 * PRICE_USD * 2, abs=1e-6)
+    assert after["cost_usd"] == pytest.approx(before["cost_usd"] * 2, abs=2e-6)
+    assert {k: after[k] for k in ("rows_out", "ok", "errors")} == {k: before[k] for k in ("rows_out", "ok", "errors")}

@@ -1,0 +1,67 @@
+"""cluster.yaml against the cluster launcher's own schema and checks, from the installed `ray` package."""
+import copy
+import json
+from importlib import metadata
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_valid_for_the_installed_ray_launcher(cluster, schema):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(cluster, schema)
+    # What `ray up` does before launching: merge the AWS defaults, then validate again (with Ray's extra
+    # checks: head_node_type present, node types consistent).
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_the_schema_check_can_fail(cluster, schema):
+    broken = copy.deepcopy(cluster)
+    del broken["available_node_types"]["gpu_l40s_x4"]["resources"]
+    with pytest.raises(jsonschema.ValidationError, match="'resources' is a required property"):
+        jsonschema.validate(broken, schema)
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["gpu_l40s_x4"]["min_worker"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(broken, schema)
+
+
+def test_cpu_head_and_autoscaled_fp8_gpu_workers(cluster):
+    assert cluster["provider"]["type"] == "aws"
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and not head["node_config"]["InstanceType"].startswith(("g", "p"))
+    worker = cluster["available_node_types"]["gpu_l40s_x4"]
+    assert worker["node_config"]["InstanceType"] == "g6e.12xlarge"  # 4 x L40S: FP8 W8A8 (sm 8.9)
+    assert worker["resources"]["GPU"] == 4
+    assert worker["min_workers"] == 0 and 1 <= worker["max_workers"] <= cluster["max_workers"]
+    assert cluster["idle_timeout_minutes"] > 0
+    assert "p5.48xlarge" in (ROOT / "cluster.yaml").read_text(), "the H100 alternative is documented"
+
+
+def test_image_matches_our_pins(cluster):
+    image = cluster["docker"]["image"]
+    assert image == f"rayproject/ray-llm:{metadata.version('ray')}-py312-cu130"
+    pins = (ROOT / "pyproject.toml").read_text()
+    assert f'"ray[data,serve]=={ray.__version__}"' in pins and '"vllm==0.29.0"' in pins
+
+
+def test_setup_installs_the_project_with_the_gpu_extra(cluster):
+    mounted = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")
+    assert any(f"pip install" in command and f"{mounted}[gpu]" in command for command in cluster["setup_commands"])
+    assert any(".venv" in pattern for pattern in cluster["rsync_exclude"])

@@ -1,0 +1,76 @@
+"""jobs.submit: arguments to a Ray job request (runtime_env, resources), the auth token, exit codes."""
+import logging
+import socket
+
+import pytest
+
+from jobs import submit as submit_cli
+from pipeline.submit import DEFAULT_EXCLUDES, JobRequest, find_auth_token
+
+
+def request_of(argv, environ=None):
+    return submit_cli.build_request(submit_cli.parse_args(argv), environ or {})
+
+
+def test_arguments_become_a_job_request(tmp_path):
+    request = request_of(
+        ["--working-dir", str(tmp_path), "--exclude", "data/", "--env", "AWS_REGION", "--env", "MODE=batch",
+         "--pip", "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[gpu]", "--runtime-env-json", '{"env_vars": {"A": "1"}, "config": {"setup_timeout_seconds": 1800}}',
+         "--entrypoint-num-cpus", "2", "--entrypoint-num-gpus", "0.5", "--entrypoint-memory", "1000",
+         "--entrypoint-resources", '{"accelerator_type:L40S": 0.01}', "--submission-id", "caption-1",
+         "--metadata", "team=vision", "--",
+         "python", "-m", "jobs.caption", "--input", "s3://b/in dir", "--output", "s3://b/out"],
+        environ={"AWS_REGION": "eu-west-1"})
+    assert request.command() == "python -m jobs.caption --input 's3://b/in dir' --output s3://b/out"
+    env = request.build_runtime_env()
+    assert env["working_dir"] == str(tmp_path)
+    assert set(DEFAULT_EXCLUDES) | {"data/"} == set(env["excludes"]) and ".venv" in env["excludes"]
+    assert env["env_vars"] == {"A": "1", "AWS_REGION": "eu-west-1", "MODE": "batch"}
+    assert env["pip"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[gpu]"]
+    assert env["config"] == {"setup_timeout_seconds": 1800}
+    assert (request.entrypoint_num_cpus, request.entrypoint_num_gpus, request.entrypoint_memory) == (2, 0.5, 1000)
+    assert request.entrypoint_resources == {"accelerator_type:L40S": 0.01}
+    assert request.submission_id == "caption-1" and request.metadata == {"team": "vision"}
+
+
+def test_no_working_dir_means_no_upload():
+    env = JobRequest(entrypoint=["python", "-V"]).build_runtime_env()
+    assert env == {}, "the installed package is used; nothing is uploaded"
+    assert JobRequest(entrypoint=["x"], py_executable="/opt/venv/bin/python").build_runtime_env() == {
+        "py_executable": "/opt/venv/bin/python"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["--env", "NOT_SET_ANYWHERE", "--", "true"], "--env NOT_SET_ANYWHERE: not set", id="missing-env"),
+    pytest.param(["--runtime-env-json", "{", "--", "true"], "invalid JSON", id="bad-json"),
+    pytest.param(["--runtime-env-json", "[1]", "--", "true"], "expected a JSON object", id="not-an-object"),
+])
+def test_bad_arguments_exit_2(argv, message, caplog):
+    with caplog.at_level(logging.ERROR, logger="jobs.submit"):
+        assert submit_cli.main(argv) == 2
+    assert message in caplog.text
+
+
+def test_an_unreachable_cluster_exits_2(caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connection refused
+        with caplog.at_level(logging.ERROR, logger="jobs.submit"):
+            assert submit_cli.main(["--address", f"http://127.0.0.1:{port}", "--", "true"]) == 2
+    assert "cannot reach the Ray job API" in caplog.text
+
+
+def test_a_command_is_required():
+    with pytest.raises(SystemExit):
+        submit_cli.parse_args(["--address", "http://x:8265"])
+
+
+def test_auth_token_sources_in_order(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    custom = tmp_path / "custom-token"
+    custom.write_text("path-token")
+    assert find_auth_token({"RAY_AUTH_TOKEN": "env-token", "RAY_AUTH_TOKEN_PATH": str(custom)}, tmp_path) == "env-token"
+    assert find_auth_token({"RAY_AUTH_TOKEN_PATH": str(custom)}, tmp_path) == "path-token"
+    assert find_auth_token({}, tmp_path) == "home-token"
+    assert find_auth_token({}, tmp_path / "nowhere") is None
