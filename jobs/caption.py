@@ -27,7 +27,11 @@ rows/s, generated tokens/s, errors by kind and the ETA. After it: OUTPUT/_manife
 OUTPUT/_report/report.html (self-contained; charts also as OUTPUT/_report/*.png). Rebuild the report, say
 with another price: python -m jobs.report OUTPUT --set report.gpu_hourly_usd=3.0
 
-Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output.
+Rerunning the same command after a crash resumes: only records without output are processed, and every
+record ends with exactly one output row. Over a complete output it does nothing (exit 0) unless --overwrite.
+
+Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output,
+3 the run finished but some input rows have no output row (the manifest says incomplete; rerun to finish).
 """
 from __future__ import annotations
 
@@ -60,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint: local dir, s3:// prefix or Hugging Face id (model.source)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. engine.max_num_seqs=128 (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the output prefix and start over (default: resume a partial output, leave a "
+                        "complete one as it is)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (input rows and duplicates, stages, replicas, placement, expected "
                         "memory per replica) and exit; starts no engine and takes no GPU")
@@ -90,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2
-    summary = {"output": manifest["output"], **manifest["counts"], **manifest["throughput"]}
+    summary = {"output": manifest["output"], "status": manifest["status"], **manifest["counts"],
+               **manifest["throughput"]}
     logger.info("summary: %s", json.dumps(summary))
-    return 0
+    return 0 if manifest["status"] == "complete" else 3
 
 
 if __name__ == "__main__":

@@ -29,16 +29,19 @@ from .config import ConfigError, PipelineConfig
 from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
 from .images import ImageTarget, image_target
+from .faults import EngineGuardSettings, start_row_ledger, stop_row_ledger
 from .manifest import build_manifest
 from .prepare import PrepareRecords
 from .progress import RunProgress
 from .report import write_run_report
+from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, enable_checkpointing,
+                     end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
 from .runtime import init_ray
-from .storage import join, make_filesystem, read_json, read_text, write_json
+from .storage import join, make_filesystem, read_text, write_json
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_manifest.json"
+__all__ = ["MANIFEST_NAME", "InputError", "OutputExistsError", "build_caption_dataset", "run_caption"]
 
 
 # One parquet file or prefix, or an explicit list of parquet files (all local or all s3://).
@@ -47,10 +50,6 @@ InputUri = Union[str, list[str]]
 
 class InputError(ValueError):
     """The input as a whole cannot be processed (missing contract columns, no files)."""
-
-
-class OutputExistsError(FileExistsError):
-    """The output prefix already holds a finished run."""
 
 
 @dataclass
@@ -202,22 +201,38 @@ def check_tools(config: PipelineConfig) -> None:
         raise ConfigError(f"tools.tables: {exc}") from None
 
 
-def _tool_builder_kwargs(config: PipelineConfig) -> dict[str, Any]:
-    from .tools.ray_stages import ToolChainSettings, stage_overrides
-    from .tools.template import load_tool_template
+def _stage_overrides(config: PipelineConfig, with_tools: bool, guard: Optional[EngineGuardSettings]):
+    """The processor's `override_stage_config_fn`: tool UDFs (pipeline.tools.ray_stages) and/or the engine's
+    crash isolation (pipeline.faults); None keeps Ray's stages as they are."""
+    override = None
+    if with_tools:
+        from .tools.ray_stages import ToolChainSettings, stage_overrides
+        from .tools.template import load_tool_template
 
-    settings = ToolChainSettings(config=config, template=load_tool_template(config.tools))
-    return {"override_stage_config_fn": stage_overrides(settings)}
+        override = stage_overrides(ToolChainSettings(config=config, template=load_tool_template(config.tools)))
+    if guard is not None:
+        from .guarded_stages import engine_stage_overrides
+
+        override = engine_stage_overrides(guard, then=override)
+    return override
 
 
-def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelPlan):
-    """The lazy dataset of output rows (nothing runs until it is written or iterated)."""
+def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelPlan,
+                          guard: Optional[EngineGuardSettings] = None):
+    """The lazy dataset of output rows (nothing runs until it is written or iterated).
+
+    With `guard` (run_caption always passes one) the engine stage isolates records that crash it
+    (pipeline.faults)."""
     import ray
     from ray.data.llm import build_processor
 
     with_tools = tools_enabled(config, plan.schema)
     schema = R.output_schema(plan.schema, config.batch.passthrough_columns, tools=with_tools)
-    dataset = ray.data.read_parquet(plan.path, filesystem=plan.filesystem, include_paths=True)
+    # row_hash: the per-row key of resume (pipeline.resume); blocks of at most batch.rows_per_block rows
+    # make the unit of resume small, since a block's output rows are committed together.
+    dataset = ray.data.read_parquet(plan.path, filesystem=plan.filesystem, include_paths=True,
+                                    include_row_hash=True)
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch.rows_per_block)
     dataset = dataset.rename_columns({"path": R.SOURCE}) if "path" not in plan.schema.names else dataset
     if not pa.types.is_string(plan.schema.field(R.ID).type):
         dataset = dataset.map_batches(_ids_as_strings, batch_format="pyarrow")
@@ -230,11 +245,12 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
         compute=ray.data.ActorPoolStrategy(**_pool_size(config.batch.prepare_replicas)),
     )
     outputs = OutputBuilder(config, schema, model.stop_token_ids)
+    override = _stage_overrides(config, with_tools, guard)
     processor = build_processor(
         processor_config(config),
         preprocess=RequestBuilder(config, model.image_target.size_px, schema),
         postprocess=outputs,
-        builder_kwargs=_tool_builder_kwargs(config) if with_tools else None,
+        builder_kwargs={"override_stage_config_fn": override} if override else None,
     )
     dataset = processor(dataset)
     return dataset.map_batches(FinalizeRows(outputs), batch_format="pyarrow"), schema
@@ -247,38 +263,50 @@ def _pool_size(value: int | tuple[int, int]) -> dict[str, int]:
 
 def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Caption every record of `input_uri` (a file, a prefix or a list of files) into `output_uri`; returns
-    the manifest it wrote."""
+    the manifest it wrote.
+
+    Rerunning after a crash resumes: only rows without output are processed, each input row ends with
+    exactly one output row; a complete output is left as it is (its manifest is returned) unless
+    `overwrite` (pipeline.resume).
+    """
     started = time.time()
     config = config.with_absolute_paths()
     model = plan_model(config)
     check_tools(config)
-    out_fs, out_path = make_filesystem(config.storage, output_uri)
-    _prepare_output(config, out_fs, out_path, output_uri, overwrite)
+    output = prepare_output(config, input_uri, output_uri, overwrite=overwrite)
+    if output.complete:
+        return output.manifest
     init_ray(config)
     plan = plan_input(config, input_uri)
-    dataset, schema = build_caption_dataset(config, plan, model)
-    with RunProgress(config, plan.num_rows) as progress:  # status line + counters (pipeline/progress.py)
-        progress.observe(dataset).write_parquet(out_path, filesystem=out_fs,
-                                                max_rows_per_file=config.batch.rows_per_file)
+    # ---- one attempt: recorded in _attempts.json (pipeline.resume), engine crashes counted (pipeline.faults)
+    attempt = begin_attempt(config, output, input_uri)
+    ledger, ledger_name = start_row_ledger("caption")
+    try:
+        guard = EngineGuardSettings(ledger_name=ledger_name, max_engine_attempts=config.batch.max_engine_attempts)
+        dataset, schema = build_caption_dataset(config, plan, model, guard)
+        # Status line + counters (pipeline/progress.py), over the rows this attempt still has to do.
+        with RunProgress(config, plan.num_rows - output.rows_done) as progress:
+            dataset = progress.observe(dataset)
+            enable_checkpointing(dataset, output)  # on the dataset that is written
+            dataset.write_parquet(output.path, filesystem=output.filesystem,
+                                  max_rows_per_file=config.batch.rows_per_file)
+    except BaseException as exc:
+        fail_attempt(config, output, input_uri, attempt, exc, **stop_row_ledger(ledger))
+        raise
+    engine = stop_row_ledger(ledger)
     finished = time.time()
-    written = pads.dataset(out_path, filesystem=out_fs, format="parquet")
+    written = pads.dataset(output.path, filesystem=output.filesystem, format="parquet")
     manifest = build_manifest(
         config=config, input_uri=input_uri, output_uri=output_uri, rows_in=plan.num_rows,
         output=written, checkpoint=model.checkpoint.as_dict(), started=started, finished=finished)
+    exactly_once = check_exactly_once(written, plan.num_rows)
+    end_attempt(config, output, input_uri, attempt, "complete" if exactly_once["exactly_once"] else "incomplete",
+                rows_written=exactly_once["rows_out"] - output.rows_done, **engine)
+    manifest = finish_manifest(manifest, output, exactly_once)
     write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
+    finish_output(config, output, manifest)
     write_run_report(config, output_uri, manifest)  # _report/report.html + charts; logs, never raises
+    # ----
     logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)
     return manifest
-
-
-def _prepare_output(config: PipelineConfig, fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> None:
-    info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    if not info:
-        return
-    if not overwrite:
-        previous = read_json(config.storage, join(uri, MANIFEST_NAME))
-        state = "a finished run" if previous else "files from an earlier run"
-        raise OutputExistsError(f"{uri} already holds {state}; pass --overwrite to replace it")
-    logger.warning("overwriting %s (%d entries)", uri, len(info))
-    fs.delete_dir_contents(path, missing_dir_ok=True)

@@ -198,6 +198,17 @@ class StorageSection(_Section):
         "means AWS. Credentials come from the standard AWS chain.",
     )
     region: Optional[str] = Field(default=None, description="S3 region; defaults to $AWS_REGION.")
+    max_attempts: int = Field(
+        default=10, ge=1,
+        description="Attempts per S3 request (AWS standard retry mode: exponential backoff with jitter) for "
+        "throttling, 5xx, refused and dropped connections. More rides out longer outages; "
+        "fewer fails a job sooner on a dead endpoint.",
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="Per-attempt S3 timeout: connect for pyarrow's filesystem (its read timeout only "
+        "applies on Windows and macOS), connect and read for boto3 clients. A hung attempt is retried.",
+    )
 
 
 class BatchSection(_Section):
@@ -235,6 +246,18 @@ class BatchSection(_Section):
     passthrough_columns: Optional[list[str]] = Field(
         default=None,
         description="Input columns copied to the output. None copies every column except the image bytes.",
+    )
+    rows_per_block: int = Field(
+        default=256, ge=1,
+        description="Input blocks are cut to at most this many rows right after the read; a block is the "
+        "unit of resume (its output rows are committed together). Smaller blocks lose less work when a "
+        "job dies and show progress sooner; larger ones mean fewer tasks and output files.",
+    )
+    max_engine_attempts: int = Field(
+        default=3, ge=1,
+        description="A record whose engine attempts ended this many times in an engine crash is written "
+        "as a `poison_record` error row instead of being retried again. After a crash, the records that "
+        "were in flight are retried one at a time, so the crash is pinned on the record that causes it.",
     )
 
     @field_validator("engine_replicas", "prepare_replicas")

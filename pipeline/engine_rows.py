@@ -11,6 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -88,7 +89,8 @@ class OutputBuilder:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         kept = data.get(PASSTHROUGH) or {}
         row = {name: kept.get(name) for name in self.passthrough}
-        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE), R.MODEL: self.model_name,
+        row.update({R.ID: _as_id(data.get(R.ID)), R.SOURCE: data.get(R.SOURCE),
+                    R.ROW_HASH: _as_row_hash(data.get(R.ROW_HASH)), R.MODEL: self.model_name,
                     R.TEXT: None, R.FINISH_REASON: None, R.PROMPT_TOKENS: None, R.COMPLETION_TOKENS: None,
                     R.ERROR: None, R.ERROR_KIND: None, R.ERROR_STAGE: None,
                     R.FINISHED_AT: datetime.now(timezone.utc), R.ENGINE_LATENCY_S: None})
@@ -156,3 +158,9 @@ def _latency_s(value: Any) -> Optional[float]:
 
 def _as_id(value: Any) -> Optional[str]:
     return None if value is None else str(value)
+
+
+def _as_row_hash(value: Any) -> Optional[np.uint64]:
+    """A numpy uint64: half of all hashes exceed int64, and Ray infers int64 from Python ints (then falls
+    back to pickling the whole column)."""
+    return None if value is None else np.uint64(value)

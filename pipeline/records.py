@@ -37,6 +37,12 @@ ERROR_STAGE = "error_stage"
 # The position of the record in the input (file and row), so that a record without a usable id can
 # still be found. Stable across reruns over the same input.
 SOURCE = "source"
+# The record's key for resume: Ray's `row_hash` (read_parquet(include_row_hash=True)), a uint64 hash of the
+# input file's path and the row's position in it. Unlike `id` it exists for every row and is unique even
+# where ids are missing or repeated, and Ray's reader makes it before anything else runs, which is where
+# its checkpoint filter needs it (pipeline.resume). Stable across reruns over the same input files; an
+# input column of this name is replaced.
+ROW_HASH = "row_hash"
 # When the row left the engine (or, for a row that never reached it, when it was finalised), and the
 # seconds its request spent in Ray's engine stage, from submission (its wait for an engine slot
 # included) to the last token (Ray's `time_taken_llm`); null for rows the engine did not answer. They
@@ -55,6 +61,7 @@ OUTPUT_FIELDS = [
     pa.field(ERROR_KIND, pa.string()),
     pa.field(ERROR_STAGE, pa.string()),
     pa.field(SOURCE, pa.string()),
+    pa.field(ROW_HASH, pa.uint64()),
     pa.field(FINISHED_AT, pa.timestamp("ms", tz="UTC")),
     pa.field(ENGINE_LATENCY_S, pa.float64()),
 ]
@@ -100,6 +107,7 @@ class ErrorKind(str, enum.Enum):
     NOT_FOUND = "not_found"                      # the URI names nothing (404, NoSuchKey, ENOENT)
     UNREACHABLE = "unreachable"                  # DNS failure, refused connection, timeout, 5xx
     ENGINE_ERROR = "engine_error"                # the engine refused or failed this request
+    POISON_RECORD = "poison_record"              # the engine crashed on each of its batch.max_engine_attempts
     INVALID_TOOLS = "invalid_tools"              # the record's tools or tool_choice cannot be used
     INVALID_TOOL_CALL = "invalid_tool_call"      # the model's call is unreadable, unknown or mistyped
 

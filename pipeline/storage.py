@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
@@ -45,29 +46,44 @@ def make_filesystem(storage: StorageSection, uri: str) -> tuple[Optional[pafs.Fi
             kwargs["scheme"] = endpoint.scheme or "https"
         if storage.region:
             kwargs["region"] = storage.region
-        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts),
+                                 connect_timeout=storage.timeout_s, **kwargs), f"{bucket}/{key}".rstrip("/")
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), path
 
 
-def make_s3_client(storage: StorageSection, timeout_s: float = 30.0, retries: int = 3):
-    """A boto3 S3 client with timeouts and standard-mode retries (throttling, 5xx, connection drops)."""
+def make_s3_client(storage: StorageSection, timeout_s: Optional[float] = None, retries: Optional[int] = None):
+    """A boto3 S3 client with timeouts and standard-mode retries (throttling, 5xx, connection drops).
+
+    Defaults come from `storage` (max_attempts, timeout_s); a caller with its own policy (image fetches)
+    passes its own."""
     import boto3
     from botocore.config import Config
 
+    timeout_s = storage.timeout_s if timeout_s is None else timeout_s
+    attempts = storage.max_attempts if retries is None else retries + 1
     config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,
-                    retries={"max_attempts": retries + 1, "mode": "standard"})
+                    retries={"max_attempts": attempts, "mode": "standard"})
     return boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config)
 
 
 def write_json(storage: StorageSection, uri: str, payload: dict[str, Any]) -> None:
     """Write a small JSON document (a manifest) to a local path or S3, replacing any previous one."""
     fs, path = make_filesystem(storage, uri)
+    data = json.dumps(payload, indent=2, sort_keys=False, default=str).encode()
+    if not isinstance(fs, pafs.LocalFileSystem):
+        # An S3 object appears whole or not at all when its PUT completes.
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    # On a local disk a reader could see a half-written file: write beside it, then rename (atomic).
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if isinstance(fs, pafs.LocalFileSystem) and parent:
+    if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
+    temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{os.getpid()}.tmp" if parent else f".{path}.{os.getpid()}.tmp"
+    with fs.open_output_stream(temporary) as out:
+        out.write(data)
+    fs.move(temporary, path)
 
 
 def write_bytes(storage: StorageSection, uri: str, data: bytes) -> None:
@@ -138,3 +154,25 @@ def upload_dir(storage: StorageSection, local_dir: Path, uri: str, names: Option
         uploaded.append(relative)
     logger.info("uploaded %d files to %s", len(uploaded), uri)
     return uploaded
+
+
+def abort_multipart_uploads(storage: StorageSection, uri: str) -> int:
+    """Abort every unfinished multipart upload under an s3:// prefix; returns how many. Local: 0.
+
+    A writer killed mid-upload (a preempted node) leaves its parts stored and billed, and nothing ever
+    completes or aborts them (NOTES §5); their object never becomes visible, so this only frees space. Run
+    it before a job writes to the prefix, never while another job writes there: it cannot tell a live
+    upload from an orphan.
+    """
+    if not is_s3(uri):
+        return 0
+    client = make_s3_client(storage)
+    bucket, prefix = split_s3(uri.rstrip("/") + "/")
+    aborted = 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            logger.warning("aborted an unfinished multipart upload of s3://%s/%s (started %s)", bucket,
+                           upload["Key"], upload.get("Initiated"))
+            aborted += 1
+    return aborted

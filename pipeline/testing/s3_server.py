@@ -130,6 +130,13 @@ class S3Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
+    def restart(self, down_s: float = 0.0, timeout_s: float = 60.0) -> "S3Server":
+        """Stop the server, stay down `down_s` seconds, and start it again on the same ports and data
+        directory (its objects survive, NOTES §5): a storage outage as clients see it."""
+        self.stop()
+        time.sleep(down_s)
+        return self.start(timeout_s)
+
     def __enter__(self) -> "S3Server":
         return self.start()
 

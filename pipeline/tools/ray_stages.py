@@ -17,7 +17,7 @@ rendering + tokenizing later rounds happens there too (milliseconds per round).
 
 The vLLMEngineStage validator re-runs on attribute assignment and then asks for a GPU even with our
 CPU placement bundles (assigning `stage.fn` turned `{'num_cpus': 1}` into `{'num_cpus': 1, 'num_gpus':
-1}`), so `_replace_udf` sets the class without validation.
+1}`), so `replace_stage_udf` sets the class without validation.
 """
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def stage_overrides(settings: ToolChainSettings) -> Callable[[str, StatefulStage
 
     def override(name: str, stage: StatefulStage) -> None:
         if isinstance(stage, ChatTemplateStage):
-            _replace_udf(stage, ToolChatTemplateUDF, tool_chat_template=settings.template)
+            replace_stage_udf(stage, ToolChatTemplateUDF, tool_chat_template=settings.template)
         elif isinstance(stage, vLLMEngineStage):
-            _replace_udf(stage, ToolChainEngineUDF, tool_chain=settings)
+            replace_stage_udf(stage, ToolChainEngineUDF, tool_chain=settings)
 
     return override
 
 
-def _replace_udf(stage: StatefulStage, udf: type, **constructor_kwargs: Any) -> None:
+def replace_stage_udf(stage: StatefulStage, udf: type, **constructor_kwargs: Any) -> None:
     object.__setattr__(stage, "fn", udf)  # without re-validation, see the module docstring
     stage.fn_constructor_kwargs.update(constructor_kwargs)
 

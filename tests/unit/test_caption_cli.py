@@ -36,6 +36,31 @@ def test_existing_output_needs_overwrite(tmp_path, caplog):
     assert code == 2 and "pass --overwrite" in log
 
 
+def test_complete_output_is_left_alone_without_starting_ray(tmp_path, caplog):
+    from pipeline.config import PipelineConfig
+    from pipeline.resume import fingerprint_input
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "part-0.parquet").write_bytes(b"PAR1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-0.parquet").write_bytes(b"")
+    manifest = {"status": "complete", "output": str(out), "counts": {"rows_in": 3, "rows_out": 3},
+                "throughput": {"rows_per_s": 1.0},
+                "input_fingerprint": fingerprint_input(PipelineConfig.load(environ={}), str(records))}
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.INFO):
+        code = caption.main(["--input", str(records), "--output", str(out), "--model", str(model),
+                             "--set", "model.quantization=any"])
+    assert code == 0 and "is already complete (3 rows for 3 input rows); nothing to do" in caplog.text
+    assert "starting embedded local Ray" not in caplog.text
+    assert json.loads((out / "_manifest.json").read_text()) == manifest
+
+
 def test_help_shows_examples_dry_run_and_report(capsys):
     import pytest
 

@@ -8,7 +8,7 @@ HEAVY = ["torch", "vllm", "transformers", "ray.data.llm", "ray.serve.llm", "llmc
 
 def test_facade_import_is_light():
     code = ("import sys, pipeline; from pipeline import PipelineConfig; PipelineConfig.load(environ={}); "
-            "import pipeline.batch, pipeline.prepare, pipeline.engine_rows; "
+            "import pipeline.batch, pipeline.prepare, pipeline.engine_rows, pipeline.resume, pipeline.faults; "
             "import pipeline.progress, pipeline.metrics, pipeline.report, pipeline.report_html, pipeline.plan, jobs.report; "
             "import pipeline.serve, pipeline.serve_guard, pipeline.serve_errors, pipeline.serve_http, jobs.serve; "
             "import pipeline.tools, pipeline.tools.chain, pipeline.tools.builtins; "
