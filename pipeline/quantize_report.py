@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import statistics
 from collections import defaultdict
 from contextlib import ExitStack
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from . import manifest
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,12 @@ INDEX_NAME = "model.safetensors.index.json"
 # a layer's relative error above that means something other than rounding went wrong. Real Gemma 3
 # layers sit near 2.6e-2 (NOTES §4).
 DEFAULT_MAX_LAYER_ERROR = 2.0 ** -4
-_VERSIONED = ("gemma3-fp8-pipeline", "llmcompressor", "compressed-tensors", "torch", "transformers",
-              "safetensors")
+QUANTIZE_PACKAGES = ("gemma3-fp8-pipeline", "llmcompressor", "compressed-tensors", "torch", "transformers",
+                     "safetensors")
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+    return manifest.package_versions(QUANTIZE_PACKAGES)
 
 
 def weight_map(checkpoint_dir: Path) -> dict[str, str]:

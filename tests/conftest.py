@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,9 +68,9 @@ def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout_
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from pipeline.testing.ports import free_ports
+
+    return free_ports(1)[0]
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,23 +29,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .ports import free_ports
+
 logger = logging.getLogger(__name__)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if port not in ports and port < 60000:
-                ports.append(port)
-            sockets.append(sock)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 class LocalRayHead:
@@ -56,7 +41,7 @@ class LocalRayHead:
         self.ray_binary = ray_binary or str(Path(sys.executable).parent / "ray")
         # Short: Ray's unix sockets live under it and must stay below 108 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
-        ports = _free_ports(8)
+        ports = free_ports(8)
         self.port, self.dashboard_port = ports[0], ports[1]
         self._extra_ports = {"--ray-client-server-port": ports[2], "--dashboard-agent-listen-port": ports[3],
                              "--dashboard-agent-grpc-port": ports[4], "--runtime-env-agent-port": ports[5],

@@ -15,11 +15,12 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .ports import free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +29,6 @@ SECRET_KEY = "pipeline-test-secret-0123456789"
 REGION = "us-east-1"
 _PORT_FLAGS = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            # SeaweedFS derives gRPC ports as port + 10000 when not given; keep all below 55535.
-            if port < 55000 and port not in ports:
-                ports.append(port)
-            sockets.append(sock)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 def weed_binary() -> str:
@@ -58,7 +42,8 @@ def weed_binary() -> str:
 class S3Server:
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None):
         self.data_dir = Path(data_dir)
-        ports = _free_ports(len(_PORT_FLAGS) + 1)
+        # SeaweedFS derives gRPC ports as port + 10000 when not given: keep all below 55535.
+        ports = free_ports(len(_PORT_FLAGS) + 1, below=55000)
         self.port = port or ports[0]
         self._ports = dict(zip(_PORT_FLAGS, ports[1:]))
         self.process: subprocess.Popen | None = None
