@@ -60,10 +60,11 @@ def write_w1_parquet(path: Path, count: int, start: int = 0, workers: int = 8) -
 
 @dataclass
 class GpuSampler:
-    """Samples GPU SM utilisation every `period_s` in a thread (NVML), between start() and stop()."""
+    """Samples SM utilisation of every visible GPU every `period_s` in a thread (NVML), between start()
+    and stop(). The series is the mean over the GPUs, so one busy GPU of four reads 25%."""
 
     period_s: float = 0.2
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, list[int]]] = field(default_factory=list)
 
     def __post_init__(self):
         self._stop = threading.Event()
@@ -74,14 +75,14 @@ class GpuSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except Exception:  # no NVML (CPU machine): the benchmark still runs, without utilisation
             return self
 
         def loop():
             while not self._stop.is_set():
-                util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-                self.samples.append((time.perf_counter(), int(util)))
+                utils = [int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in handles]
+                self.samples.append((time.perf_counter(), utils))
                 time.sleep(self.period_s)
 
         self._thread = threading.Thread(target=loop, daemon=True)
@@ -92,12 +93,13 @@ class GpuSampler:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        values = [u for _, u in self.samples]
+        values = [statistics.mean(u) for _, u in self.samples]
         if not values:
             return {"gpu_util_mean": None}
+        per_gpu = [round(statistics.mean(column), 1) for column in zip(*(u for _, u in self.samples))]
         return {"gpu_util_mean": round(statistics.mean(values), 1),
-                "gpu_util_p50": statistics.median(values),
-                "gpu_util_series": values[:: max(1, len(values) // 120)]}
+                "gpu_util_p50": statistics.median(values), "gpu_util_per_gpu": per_gpu,
+                "gpu_util_series": [round(v, 1) for v in values[:: max(1, len(values) // 120)]]}
 
 
 def card_name() -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Drive the GPU benchmark on the lent machine (see docs/performance.md, "How it was run").
-#   bench/gpu_session.sh part FILE       copy one wheel part into /tmp/gpu-parts
+#   bench/gpu_session.sh part FILE...    copy wheel parts (and MANIFEST, unpack.sh) into /tmp/gpu-parts
 #   bench/gpu_session.sh start [ARGS]    unpack wheels, install this package, start the orchestrator detached
 #   bench/gpu_session.sh poll SECONDS    wait (keeping the lease busy), then copy results and logs to $OUT
 set -uo pipefail
@@ -9,9 +9,13 @@ BENCH=/tmp/bench
 export PYTHONPATH=/tmp/site:$ROOT PATH=/tmp/site/bin:$PATH
 # Nothing outside the machine can be reached: no hub, no usage reporting.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
+# NVLink multicast stays off on shared hosts (library device/KINDS.md): NCCL, torch symmetric memory and
+# vLLM's symmetric-memory all-reduce (which would ask for it) are told so in every process we start.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
 case "${1:-}" in
   part)
-    mkdir -p /tmp/gpu-parts && cp "$2" /tmp/gpu-parts/ && ls -la /tmp/gpu-parts | tail -n +2 ;;
+    shift
+    mkdir -p /tmp/gpu-parts && cp "$@" /tmp/gpu-parts/ && ls -la /tmp/gpu-parts | tail -n +2 ;;
   start)
     shift
     if [ ! -f /tmp/site/.unpacked ]; then
@@ -36,6 +40,8 @@ case "${1:-}" in
     end=$((SECONDS + ${2:-300}))
     while [ $SECONDS -lt $end ]; do
       kill -0 "$(cat $BENCH/orchestrator.pid 2>/dev/null)" 2>/dev/null || break
+      # Results so far, every 10 s: if the lease ends during this call, what is under $OUT still comes back.
+      cp $BENCH/results.json "${OUT:-/tmp}/" 2>/dev/null
       sleep 10
     done
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.common import RESULT_PREFIX, write_w1_parquet
 
+NODE_CPUS = ["--set", "runtime.local_num_cpus=48", "--set", "batch.prepare_replicas=[4,12]"]
 RUNS = {
     "plain-fp8": ("plain", "fp8", ["--profile-dir", "{workdir}/profile-plain-fp8"]),
     "plain-bf16": ("plain", "bf16", []),
@@ -29,11 +30,16 @@ RUNS = {
     # Ablations: where does the gain come from?
     "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
     "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
-    # Engine layout on a 2-GPU machine (issue tp4): one TP=2 engine vs two TP=1 replicas.
-    "pipeline-fp8-tp2": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=2"]),
-    "pipeline-fp8-2x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=2"]),
-    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2"]),
-    "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1"]),
+    # Engine layout on one multi-GPU node (issue tp4): one TP=N engine vs N replicas of TP=1, the same
+    # CPUs for both (48 for Ray, up to 12 preparation replicas) so only the layout differs.
+    "pipeline-fp8-tp4": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=4", *NODE_CPUS]),
+    "pipeline-fp8-4x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=4", *NODE_CPUS]),
+    "online-fp8-tp4": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20"]),
+    "online-fp8-4x1": ("online", "fp8", ["--layout", "4x1", "--duration-s", "20"]),
+    "pipeline-fp8-tp2": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=2", *NODE_CPUS]),
+    "pipeline-fp8-2x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=2", *NODE_CPUS]),
+    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2", "--duration-s", "20"]),
+    "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1", "--duration-s", "20"]),
     # The same driver on one GPU or a CPU machine (smoke test of the online runner).
     "online-fp8-1x1": ("online", "fp8", ["--layout", "1x1"]),
 }

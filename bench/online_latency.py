@@ -1,10 +1,12 @@
 """Online latency of engine layouts on the same GPUs: one TP=N vLLM server vs N servers of TP=1.
 
-    python -m bench.online_latency CHECKPOINT --layout tp2|2x1 [--concurrency 1,8,64] [--duration-s 30]
+    python -m bench.online_latency CHECKPOINT --layout tp4|4x1|tp2|2x1 [--subsets 4,2,1] [--concurrency 1,8,64]
 
 For each number of concurrent streams, clients send W1 requests (a distinct 896 px image each, so no
 cache flatters either layout; 128 tokens out, streamed) for a fixed time, spread round-robin over the
-servers. Printed per level: requests/s, latency and time-to-first-token p50/p99. vLLM's own OpenAI
+servers. Printed per level: requests/s, latency and time-to-first-token p50/p99. With `--subsets`, an
+NxT layout is also measured on its first k servers (the others idle), so "4 x TP=1" gives "2 x TP=1"
+and "1 x TP=1" from the same engines at no extra start-up. vLLM's own OpenAI
 server stands in for our Ray Serve endpoint because Ray 2.60's `ray.serve.llm` does not import with the
 vLLM 0.26 the GPU image can run (../shared/gpu/README.md); the engine layout is what is compared.
 """
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="extra vLLM server argument")
     parser.add_argument("--ready-timeout-s", type=float, default=900)
     parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--subsets", default="", help="also measure on the first k servers, e.g. 2,1")
     args = parser.parse_args(argv)
 
     from concurrent.futures import ProcessPoolExecutor
@@ -157,10 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         wait_ready(processes, urls, args.ready_timeout_s)
         startup_s = time.perf_counter() - started
         asyncio.run(load(urls, images[:8], 2, 5, 8))  # warm-up, not counted
-        for streams in [int(c) for c in args.concurrency.split(",")]:
-            result = asyncio.run(load(urls, images, streams, args.duration_s, args.max_tokens))
-            emit({"label": args.label, "engine": f"vLLM OpenAI server, layout {args.layout}", "workload": "W1-online",
-                  "checkpoint": args.checkpoint, "card": card_name(), "startup_s": round(startup_s, 1), **result})
+        servers, tp = parse_layout(args.layout)
+        used = [servers] + [int(k) for k in args.subsets.split(",") if k and int(k) < servers]
+        for count in used:
+            layout = args.layout if count == servers else f"{count}x{tp}"
+            for streams in [int(c) for c in args.concurrency.split(",")]:
+                result = asyncio.run(load(urls[:count], images, streams, args.duration_s, args.max_tokens))
+                emit({"label": args.label.replace(args.layout, layout), "layout": layout,
+                      "engine": f"vLLM OpenAI server, layout {layout}"
+                                + (f" (of {args.layout} started)" if layout != args.layout else ""),
+                      "workload": "W1-online", "checkpoint": args.checkpoint, "card": card_name(),
+                      "gpus": servers * tp, "startup_s": round(startup_s, 1), **result})
     finally:
         for process in processes:
             process.terminate()
