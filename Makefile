@@ -28,7 +28,7 @@ quantize-env: $(QSTAMP)
 $(QSTAMP): pyproject.toml scripts/setup_quantize_env.sh
 	scripts/setup_quantize_env.sh $(QVENV)
 
-$(WORK)/tiny-gemma3/config.json: | $(STAMP)
+$(WORK)/tiny-gemma3/config.json: pipeline/testing/tiny_gemma3.py | $(STAMP)
 	$(PY) -m pipeline.testing.tiny_gemma3 $(WORK)/tiny-gemma3
 
 $(WORK)/sample/records.parquet: | $(STAMP)

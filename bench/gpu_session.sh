@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_S
 # NVLink multicast stays off on shared hosts (library device/KINDS.md): NCCL, torch symmetric memory and
 # vLLM's symmetric-memory all-reduce (which would ask for it) are told so in every process we start.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
+# FlashInfer all-reduce: never its MNNVL (multicast) backend; the fused pass is also off per run (bench/gpu_throughput.py).
+export VLLM_ALLREDUCE_USE_FLASHINFER=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
 case "${1:-}" in
   part)
     shift

@@ -22,6 +22,20 @@ from pathlib import Path
 from bench.common import RESULT_PREFIX, write_w1_parquet
 
 NODE_CPUS = ["--set", "runtime.local_num_cpus=48", "--set", "batch.prepare_replicas=[4,12]"]
+# vLLM (0.26) fuses TP all-reduce with RMSNorm through FlashInfer's MNNVL backend, which allocates NVLink
+# multicast memory: forbidden on the lent hosts (library device/KINDS.md), and on them it failed with an
+# illegal memory access during start-up (docs/performance.md, "TP=4 vs 4 x TP=1"). Fusion off; vLLM's own
+# custom all-reduce (CUDA IPC, no multicast) stays on. The `-nccl` variants also turn that off, as the
+# fallback should it fail too.
+NO_FUSION = "{compilation_config: {pass_config: {fuse_allreduce_rms: false}}}"
+NO_FUSION_NCCL = "{compilation_config: {pass_config: {fuse_allreduce_rms: false}}, disable_custom_all_reduce: true}"
+SERVER_NO_FUSION = '--server-arg=--compilation-config {"pass_config": {"fuse_allreduce_rms": false}}'
+
+
+def _tp_pipeline(size: int, extra: str = NO_FUSION) -> list[str]:
+    return ["--set", f"engine.tensor_parallel_size={size}", "--set", f"engine.extra_engine_kwargs={extra}", *NODE_CPUS]
+
+
 RUNS = {
     "plain-fp8": ("plain", "fp8", ["--profile-dir", "{workdir}/profile-plain-fp8"]),
     "plain-bf16": ("plain", "bf16", []),
@@ -32,18 +46,23 @@ RUNS = {
     "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
     # Engine layout on one multi-GPU node (issue tp4): one TP=N engine vs N replicas of TP=1, the same
     # CPUs for both (48 for Ray, up to 12 preparation replicas) so only the layout differs.
-    "pipeline-fp8-tp4": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=4", *NODE_CPUS]),
+    "pipeline-fp8-tp4": ("pipeline", "fp8", _tp_pipeline(4)),
+    "pipeline-fp8-tp4-nccl": ("pipeline", "fp8", _tp_pipeline(4, NO_FUSION_NCCL)),
     "pipeline-fp8-4x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=4", *NODE_CPUS]),
-    "online-fp8-tp4": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20"]),
+    "online-fp8-tp4": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20", SERVER_NO_FUSION]),
+    "online-fp8-tp4-nccl": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20", SERVER_NO_FUSION,
+                                              "--server-arg=--disable-custom-all-reduce"]),
     "online-fp8-4x1": ("online", "fp8", ["--layout", "4x1", "--duration-s", "20"]),
-    "pipeline-fp8-tp2": ("pipeline", "fp8", ["--set", "engine.tensor_parallel_size=2", *NODE_CPUS]),
+    "pipeline-fp8-tp2": ("pipeline", "fp8", _tp_pipeline(2)),
     "pipeline-fp8-2x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=2", *NODE_CPUS]),
-    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2", "--duration-s", "20"]),
+    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2", "--duration-s", "20", SERVER_NO_FUSION]),
     "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1", "--duration-s", "20"]),
     # The same driver on one GPU or a CPU machine (smoke test of the online runner).
     "online-fp8-1x1": ("online", "fp8", ["--layout", "1x1"]),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
+# A failed run is followed at once by its fallback, if it has one (a lease has no time for a second try later).
+FALLBACKS = {"pipeline-fp8-tp4": "pipeline-fp8-tp4-nccl", "online-fp8-tp4": "online-fp8-tp4-nccl"}
 
 
 def log(message: str) -> None:
@@ -185,9 +204,14 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if args.prepare_only:
         return
-    for name in [r for r in args.runs.split(",") if r]:
-        state["runs"] = [r for r in state["runs"] if r.get("label") != name] + run_one(name, checkpoints, data, args)
+    queue = [r for r in args.runs.split(",") if r]
+    while queue:
+        name = queue.pop(0)
+        results = run_one(name, checkpoints, data, args)
+        state["runs"] = [r for r in state["runs"] if r.get("label") != name] + results
         save()
+        if any(r.get("failed") for r in results) and name in FALLBACKS:
+            queue.insert(0, FALLBACKS[name])
     log("summary:")
     for r in state["runs"]:
         log(f"  {r.get('label'):28s} {r.get('workload', '-'):5s} "

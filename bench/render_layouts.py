@@ -61,7 +61,7 @@ def render(results: dict) -> str:
     lines = [BEGIN, f"**Node:** {card} x {max((gpus_of(layout_of(r)) for r in runs), default='?')} · **vLLM** {vllm} · "
              "FP8 checkpoint, workload W1, every number from the same run on the same node.", ""]
     lines += ["Batch (our pipeline, `bench/pipeline_run.py`; steady rate between 10% and 90% of rows):", "",
-              "| layout | GPUs | images/s | images/s per GPU | GPU busy (mean over the node's GPUs) | engine start-up |",
+              "| layout | GPUs | images/s | images/s per GPU | GPU busy, mean (each GPU) | engine start-up |",
               "|---|---|---|---|---|---|"]
     by_layout = {}
     for run in batch:
@@ -69,8 +69,10 @@ def render(results: dict) -> str:
         by_layout[layout] = run
         gpus = gpus_of(layout)
         startup = run.get("first_output_after_s")
+        each = run.get("gpu_util_per_gpu")
+        busy = _busy(run) + (f" ({', '.join(f'{u:.0f}%' for u in each)})" if each else "")
         lines.append(f"| {describe(layout)} | {gpus} | {run['requests_per_s']:.1f} | {run['requests_per_s'] / gpus:.1f} | "
-                     f"{_busy(run)} | {'-' if startup is None else f'{startup:.0f} s'} |")
+                     f"{busy} | {'-' if startup is None else f'{startup:.0f} s'} |")
     ratios = []
     for n in (4, 2):
         tp, replicas = by_layout.get(f"tp{n}"), by_layout.get(f"{n}x1")
@@ -87,7 +89,7 @@ def render(results: dict) -> str:
                      f"{_ms(run.get('ttft_p99_s'))} | {run.get('errors', 0)} |")
     missing = [r["label"] for r in results["runs"] if r.get("failed")]
     if missing:
-        lines += ["", f"Started but not finished in this run: {', '.join(missing)}."]
+        lines += ["", f"Failed in this run (the text below says why): {', '.join(missing)}."]
     lines.append(END)
     return "\n".join(lines)
 

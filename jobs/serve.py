@@ -42,23 +42,28 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.serve import run_serve
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
+    # Installed right after ray.init, which puts in its own SIGTERM handler, and before the app deploys:
+    # a SIGTERM at any point from then on stops like Ctrl-C, so Serve shuts down and an embedded Ray with
+    # it (the endpoint can answer /ready before the deploy call has returned here).
+    def stop_on_sigterm() -> None:
+        signal.signal(signal.SIGTERM, _interrupt)
+
     try:
-        config = PipelineConfig.load(args.config, overrides)
-        run_serve(config, blocking=False)
-    except (ConfigError, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 2
-    # After ray.init, which installs its own SIGTERM handler: stop like Ctrl-C, so Serve shuts down
-    # and an embedded Ray with it.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
+        try:
+            config = PipelineConfig.load(args.config, overrides)
+            run_serve(config, blocking=False, on_ray_ready=stop_on_sigterm)
+        except (ConfigError, CheckpointError) as exc:
+            logger.error("%s", exc)
+            return 2
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("stopping")
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():  # not when stopped before Ray started
+        serve.shutdown()
     return 0
 
 

@@ -202,8 +202,10 @@ def check_tools(config: PipelineConfig) -> None:
 
 
 def _stage_overrides(config: PipelineConfig, with_tools: bool, guard: Optional[EngineGuardSettings]):
-    """The processor's `override_stage_config_fn`: tool UDFs (pipeline.tools.ray_stages) and/or the engine's
-    crash isolation (pipeline.faults); None keeps Ray's stages as they are."""
+    """The processor's `override_stage_config_fn`: prompts tokenized once (pipeline.rendered_prompts), tool
+    UDFs (pipeline.tools.ray_stages) and the engine's crash isolation (pipeline.faults)."""
+    from .rendered_prompts import install
+
     override = None
     if with_tools:
         from .tools.ray_stages import ToolChainSettings, stage_overrides
@@ -214,7 +216,13 @@ def _stage_overrides(config: PipelineConfig, with_tools: bool, guard: Optional[E
         from .guarded_stages import engine_stage_overrides
 
         override = engine_stage_overrides(guard, then=override)
-    return override
+
+    def with_rendered_prompts(name, stage, then=override):
+        install(stage)
+        if then is not None:
+            then(name, stage)
+
+    return with_rendered_prompts
 
 
 def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelPlan,
@@ -245,12 +253,11 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
         compute=ray.data.ActorPoolStrategy(**_pool_size(config.batch.prepare_replicas)),
     )
     outputs = OutputBuilder(config, schema, model.stop_token_ids)
-    override = _stage_overrides(config, with_tools, guard)
     processor = build_processor(
         processor_config(config),
         preprocess=RequestBuilder(config, model.image_target.size_px, schema),
         postprocess=outputs,
-        builder_kwargs={"override_stage_config_fn": override} if override else None,
+        builder_kwargs={"override_stage_config_fn": _stage_overrides(config, with_tools, guard)},
     )
     dataset = processor(dataset)
     return dataset.map_batches(FinalizeRows(outputs), batch_format="pyarrow"), schema

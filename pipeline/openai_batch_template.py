@@ -22,6 +22,7 @@ from .config import PipelineConfig
 from .engine_rows import INFERENCE_ERROR
 from .openai_batch import LineError
 from .openai_batch_stages import CONVERSATION, LINE_ERROR, NO_ERROR, TOOL_TEMPLATE
+from .rendered_prompts import install as install_rendered_prompts
 from .tools.ray_stages import ToolChainSettings
 from .tools.ray_stages import stage_overrides as tool_stage_overrides
 from .tools.request import ToolRequest
@@ -53,7 +54,8 @@ class OpenAIChatTemplateUDF(ChatTemplateUDF):
 
 
 def stage_overrides(config: PipelineConfig) -> Callable[[str, StatefulStage], None]:
-    """An `override_stage_config_fn`: our chat-template UDF, and the tool chain's engine UDF.
+    """An `override_stage_config_fn`: our chat-template UDF, prompts tokenized once
+    (pipeline.rendered_prompts), and the tool chain's engine UDF.
 
     Requests bring their own tools; the pipeline's built-ins and extra rounds are for parquet records, so
     the tool chain runs with neither and returns the calls, as the OpenAI API does.
@@ -64,6 +66,7 @@ def stage_overrides(config: PipelineConfig) -> Callable[[str, StatefulStage], No
         ToolChainSettings(config=config.model_copy(update={"tools": tools}), template=template))
 
     def override(name: str, stage: StatefulStage) -> None:
+        install_rendered_prompts(stage)
         if isinstance(stage, ChatTemplateStage):
             # Set without re-validation, as pipeline.tools.ray_stages does (its module docstring says why).
             object.__setattr__(stage, "fn", OpenAIChatTemplateUDF)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .checkpoint import check_checkpoint, inspect_checkpoint
 from .config import ConfigError, PipelineConfig, read_api_keys
@@ -111,16 +111,20 @@ def app_builder(args: dict[str, Any]) -> "Application":
     return build_app(PipelineConfig.load(args.get("config"), list(args.get("set") or [])))
 
 
-def run_serve(config: PipelineConfig, *, blocking: bool = True) -> None:
+def run_serve(config: PipelineConfig, *, blocking: bool = True,
+              on_ray_ready: Optional[Callable[[], None]] = None) -> None:
     """Start Serve's HTTP proxy on serve.host:serve.port and deploy the app.
 
     Blocking runs until interrupted (then the caller shuts Serve down). On an embedded Ray the API
-    keys must be visible here, or it fails before any engine starts.
+    keys must be visible here, or it fails before any engine starts. `on_ray_ready` runs right after
+    Ray is up, before the app deploys (where a caller installs signal handlers that Ray's would replace).
     """
     config = config.with_absolute_paths()
     _check_keys_visible(config)
     check_servable(config)  # before Ray starts: a wrong checkpoint fails fast
     init_ray(config)
+    if on_ray_ready is not None:
+        on_ray_ready()
     from ray import serve
 
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})

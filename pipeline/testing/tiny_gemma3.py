@@ -114,7 +114,7 @@ MM_TOKENS_PER_IMAGE = 256
 
 
 def _train_tokenizer(vocab: int, seed: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     rng = random.Random(seed)
 
@@ -135,6 +135,11 @@ def _train_tokenizer(vocab: int, seed: int):
     # vLLM's Gemma 3 processor looks up "\n", "\n\n", ... as literal vocabulary entries.
     tokenizer.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (1, 2, 3, 4)])
     tokenizer.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in SPECIAL_TOKENS])
+    # As Gemma's tokenizer.json does: encoding text prepends <bos>. The chat template renders <bos> too, so
+    # a rendered prompt must be tokenized without special tokens (HF's rule); this makes a second BOS visible.
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
     return tokenizer
 
 
@@ -159,7 +164,7 @@ def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, devic
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>", "sot_token": "<start_of_turn>",
                               "eot_token": "<end_of_turn>"},
-        add_bos_token=False, add_eos_token=False, padding_side="left", model_max_length=131072,
+        add_bos_token=True, add_eos_token=False, padding_side="left", model_max_length=131072,
         chat_template=CHAT_TEMPLATE,
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}

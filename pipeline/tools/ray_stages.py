@@ -31,6 +31,7 @@ from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateStage
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage, vLLMEngineStageUDF
 
 from .. import records as R
+from ..rendered_prompts import encode_rendered
 from ..config import PipelineConfig
 from .builtins import build_registry
 from .chain import Generation, run_tool_chain
@@ -123,7 +124,7 @@ class ToolChainEngineUDF(vLLMEngineStageUDF):
                 prompt = first_prompt
             else:
                 text = render_prompt(self.processor, self.tool_chain.template, messages, request.tools)
-                prompt = {"prompt": text, "tokenized_prompt": self.processor.tokenizer(text)["input_ids"]}
+                prompt = {"prompt": text, "tokenized_prompt": encode_rendered(self.processor.tokenizer, [text])[0]}
             params = {**sampling, **({"structured_outputs": structured} if structured else {})}
             output = await generate_once({self.IDX_IN_BATCH_COLUMN: index, **carried, **prompt,
                                           "sampling_params": params}, batch_uuid)

@@ -32,7 +32,7 @@ def test_render_tables_ratio_and_unfinished_runs():
     assert "| one engine, TP=4 | 1 | 0.90 | 1100 ms | 1300 ms | 50 ms | 80 ms | 0 |" in text
     # Online rows sort by GPUs: the one-GPU subset comes before the 4-GPU engine.
     assert text.index("| 1 x TP=1 replicas | 1 |") < text.index("| one engine, TP=4 | 1 |")
-    assert "Started but not finished in this run: online-fp8-4x1." in text
+    assert "Failed in this run (the text below says why): online-fp8-4x1." in text
 
 
 def test_main_rewrites_only_between_markers(tmp_path):
