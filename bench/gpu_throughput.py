@@ -44,6 +44,14 @@ RUNS = {
     # Ablations: where does the gain come from?
     "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
     "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
+    # Next steps of docs/performance.md, one engine argument each (numerics change with an fp8 KV cache, so
+    # it stays opt-in until checked on the real weights).
+    "pipeline-fp8-kv-fp8": ("pipeline", "fp8", ["--set", "engine.extra_engine_kwargs={kv_cache_dtype: fp8}"]),
+    "pipeline-fp8-kv-fp8-seqs512": ("pipeline", "fp8", ["--set", "engine.extra_engine_kwargs={kv_cache_dtype: fp8}",
+                                                        "--set", "engine.max_num_seqs=512",
+                                                        "--set", "batch.max_concurrent_batches=12"]),
+    "pipeline-fp8-encoder-graphs": ("pipeline", "fp8", [
+        "--set", "engine.extra_engine_kwargs={compilation_config: {compile_mm_encoder: true, cudagraph_mm_encoder: true}}"]),
     # Engine layout on one multi-GPU node (issue tp4): one TP=N engine vs N replicas of TP=1, the same
     # CPUs for both (48 for Ray, up to 12 preparation replicas) so only the layout differs.
     "pipeline-fp8-tp4": ("pipeline", "fp8", _tp_pipeline(4)),
