@@ -167,6 +167,18 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
     return results
 
 
+def run_in_order(names: list[str], run, record, fallbacks: dict[str, str] = FALLBACKS) -> None:
+    """Run each configuration in turn, recording its results at once; a failed one is followed
+    immediately by its fallback, if it has one."""
+    queue = list(names)
+    while queue:
+        name = queue.pop(0)
+        results = run(name)
+        record(name, results)
+        if any(r.get("failed") for r in results) and name in fallbacks:
+            queue.insert(0, fallbacks[name])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench")
@@ -212,14 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if args.prepare_only:
         return
-    queue = [r for r in args.runs.split(",") if r]
-    while queue:
-        name = queue.pop(0)
-        results = run_one(name, checkpoints, data, args)
+    def record(name: str, results: list[dict]) -> None:
         state["runs"] = [r for r in state["runs"] if r.get("label") != name] + results
         save()
-        if any(r.get("failed") for r in results) and name in FALLBACKS:
-            queue.insert(0, FALLBACKS[name])
+
+    run_in_order([r for r in args.runs.split(",") if r], lambda name: run_one(name, checkpoints, data, args), record)
     log("summary:")
     for r in state["runs"]:
         log(f"  {r.get('label'):28s} {r.get('workload', '-'):5s} "

@@ -1,4 +1,5 @@
-"""The layout table in docs/performance.md is computed from the results file, ratios included."""
+"""The layout benchmark: its table in docs/performance.md is computed from the results file (ratios
+included), and a failed TP run is followed by its fallback in the same lease."""
 from bench.render_layouts import BEGIN, END, layout_of, main, render
 
 RESULTS = {
@@ -46,3 +47,19 @@ def test_main_rewrites_only_between_markers(tmp_path):
     text = doc.read_text()
     assert "old table" not in text and "before" in text and text.rstrip().endswith("after")
     assert "2.40x" in text
+
+
+def test_a_failed_tp_run_is_followed_by_its_fallback_at_once():
+    from bench.gpu_throughput import FALLBACKS, RUNS, run_in_order
+
+    assert all(name in RUNS and fallback in RUNS for name, fallback in FALLBACKS.items())
+    ran, recorded = [], []
+
+    def run(name):
+        ran.append(name)
+        return [{"label": name, "failed": True}] if name == "pipeline-fp8-tp4" else [{"label": name}]
+
+    run_in_order(["pipeline-fp8-tp4", "pipeline-fp8-4x1", "online-fp8-tp4"], run,
+                 lambda name, results: recorded.append(name))
+    # online-fp8-tp4 succeeded, so its fallback does not run.
+    assert ran == recorded == ["pipeline-fp8-tp4", "pipeline-fp8-tp4-nccl", "pipeline-fp8-4x1", "online-fp8-tp4"]
