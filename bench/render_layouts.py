@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from bench.render_performance import busy_share, write_between_markers
+
 BEGIN, END = "<!-- layouts:begin -->", "<!-- layouts:end -->"
 LAYOUT = re.compile(r"-(tp\d+|\d+x\d+)$")
 
@@ -38,15 +40,6 @@ def describe(layout: str) -> str:
     return f"{servers} x TP={tp} replicas"
 
 
-def _busy(run: dict) -> str:
-    series = run.get("gpu_util_series") or []
-    start = next((i for i, value in enumerate(series) if value >= 25), None)
-    if start is None:
-        return "-"
-    active = series[start:]
-    return f"{sum(active) / len(active):.0f}%"
-
-
 def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
@@ -70,7 +63,7 @@ def render(results: dict) -> str:
         gpus = gpus_of(layout)
         startup = run.get("first_output_after_s")
         each = run.get("gpu_util_per_gpu")
-        busy = _busy(run) + (f" ({', '.join(f'{u:.0f}%' for u in each)})" if each else "")
+        busy = busy_share(run, busy_from=25) + (f" ({', '.join(f'{u:.0f}%' for u in each)})" if each else "")
         lines.append(f"| {describe(layout)} | {gpus} | {run['requests_per_s']:.1f} | {run['requests_per_s'] / gpus:.1f} | "
                      f"{busy} | {'-' if startup is None else f'{startup:.0f} s'} |")
     ratios = []
@@ -100,13 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", default="docs/performance.md")
     args = parser.parse_args(argv)
     doc = Path(args.doc)
-    block = render(json.loads(Path(args.results).read_text()))
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    doc.write_text(head + block + tail)
+    write_between_markers(doc, BEGIN, END, render(json.loads(Path(args.results).read_text())))
     print(f"wrote {doc}")
 
 

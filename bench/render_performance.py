@@ -16,10 +16,11 @@ from bench.floor import Workload, floor
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def _busy(run: dict) -> str:
-    """NVML busy share from the first busy sample on: start-up (weights, compile) is not the workload."""
+def busy_share(run: dict, busy_from: float = 50) -> str:
+    """NVML busy share from the first sample at `busy_from`% on: start-up (weights, compile) is not the
+    workload. A series averaged over N GPUs reads 100/N with one of them busy: lower `busy_from` for it."""
     series = run.get("gpu_util_series") or []
-    start = next((i for i, value in enumerate(series) if value >= 50), None)
+    start = next((i for i, value in enumerate(series) if value >= busy_from), None)
     if start is None:
         return "-"
     active = series[start:]
@@ -52,7 +53,7 @@ def render(results: dict, chart: Path) -> str:
             continue
         startup = run.get("startup_s") or run.get("first_output_after_s")
         rows.append(f"| {run['label']} ({run['engine']}) | {run['workload']} | {run['requests_per_s']:.1f} | "
-                    f"{run.get('generated_tokens_per_s', 0):.0f} | {_busy(run)} | "
+                    f"{run.get('generated_tokens_per_s', 0):.0f} | {busy_share(run)} | "
                     f"{'-' if not startup else f'{startup:.0f} s'} |")
     missing = [r["label"] for r in results["runs"] if r.get("failed")]
     prompt_tokens = next((r["prompt_tokens_mean"] for r in runs if r.get("workload") == "W1"
@@ -127,6 +128,17 @@ def _chart(runs: list[dict], floors: dict, card: str, path: Path) -> None:
     plt.close(figure)
 
 
+def write_between_markers(doc: Path, begin: str, end: str, block: str) -> None:
+    """Replace the part of `doc` from `begin` to `end` (the block includes both markers), appending the
+    markers first if the doc lacks them; the hand-written text around them is kept."""
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.write_text(head + block + tail)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results")
@@ -134,11 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     doc = Path(args.doc)
     chart = doc.parent / (Path(args.results).stem + "-w1.png")
-    block = render(json.loads(Path(args.results).read_text()), chart)
-    text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    doc.write_text(head + block + tail)
+    write_between_markers(doc, BEGIN, END, render(json.loads(Path(args.results).read_text()), chart))
     print(f"wrote {doc} and {chart}")
 
 
