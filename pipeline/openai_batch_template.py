@@ -23,7 +23,7 @@ from .engine_rows import INFERENCE_ERROR
 from .openai_batch import LineError
 from .openai_batch_stages import CONVERSATION, LINE_ERROR, NO_ERROR, TOOL_TEMPLATE
 from .rendered_prompts import install as install_rendered_prompts
-from .tools.ray_stages import ToolChainSettings
+from .tools.ray_stages import ToolChainSettings, replace_stage_udf
 from .tools.ray_stages import stage_overrides as tool_stage_overrides
 from .tools.request import ToolRequest
 from .tools.template import load_tool_template, render_prompt
@@ -68,9 +68,7 @@ def stage_overrides(config: PipelineConfig) -> Callable[[str, StatefulStage], No
     def override(name: str, stage: StatefulStage) -> None:
         install_rendered_prompts(stage)
         if isinstance(stage, ChatTemplateStage):
-            # Set without re-validation, as pipeline.tools.ray_stages does (its module docstring says why).
-            object.__setattr__(stage, "fn", OpenAIChatTemplateUDF)
-            stage.fn_constructor_kwargs.update(tool_chat_template=template)
+            replace_stage_udf(stage, OpenAIChatTemplateUDF, tool_chat_template=template)
         else:
             engine_override(name, stage)
 

@@ -36,5 +36,7 @@ class RenderedPromptTokenizeUDF(TokenizeUDF):
 
 def install(stage: StatefulStage) -> None:
     """For an `override_stage_config_fn`: swap the tokenize stage's UDF (other stages are left alone)."""
+    from .tools.ray_stages import replace_stage_udf  # here: that module imports encode_rendered from this one
+
     if isinstance(stage, TokenizeStage):
-        object.__setattr__(stage, "fn", RenderedPromptTokenizeUDF)  # as pipeline.tools.ray_stages does
+        replace_stage_udf(stage, RenderedPromptTokenizeUDF)

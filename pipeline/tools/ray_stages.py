@@ -31,8 +31,8 @@ from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateStage
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage, vLLMEngineStageUDF
 
 from .. import records as R
-from ..rendered_prompts import encode_rendered
 from ..config import PipelineConfig
+from ..rendered_prompts import encode_rendered
 from .builtins import build_registry
 from .chain import Generation, run_tool_chain
 from .registry import ToolContext
