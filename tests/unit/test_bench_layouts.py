@@ -55,6 +55,8 @@ def test_a_failed_tp_run_is_followed_by_its_fallback_at_once():
     assert all(name in RUNS and fallback in RUNS for name, fallback in FALLBACKS.items())
     ran, recorded = [], []
 
+    # Stands in for bench.gpu_throughput.run_one, which starts a 12B engine on a GPU (none here): the
+    # order and the fallback are what is tested.
     def run(name):
         ran.append(name)
         return [{"label": name, "failed": True}] if name == "pipeline-fp8-tp4" else [{"label": name}]
