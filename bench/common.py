@@ -18,6 +18,23 @@ TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message
 GENERATED_TOKENS = 128
 RESULT_PREFIX = "RESULT "
 
+# The engine settings of every benchmark run, batch and online alike: one PipelineConfig gives both their
+# vLLM engine arguments (`pipeline.engine.engine_kwargs`), so a layout is compared on the same engine and
+# vLLM's compile cache, keyed on those arguments, serves the second start of the same layout.
+BENCH_SETTINGS = [
+    "engine.device=gpu", "engine.tensor_parallel_size=1", "engine.max_model_len=8192",
+    "engine.max_num_seqs=256", "engine.gpu_memory_utilization=0.9", "engine.enforce_eager=false",
+    f"sampling.max_tokens={GENERATED_TOKENS}", "sampling.ignore_eos=true", "sampling.temperature=0",
+    "model.quantization=any", "batch.engine_replicas=1", "batch.engine_batch_size=64",
+    "batch.max_concurrent_batches=8", "batch.prepare_replicas=[2,6]", "batch.prepare_batch_size=32",
+    "runtime.local_num_cpus=16",
+]
+
+
+def bench_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
+    """Config overrides of one run: the benchmark's settings, the checkpoint, then the run's own."""
+    return BENCH_SETTINGS + [f"model.source={checkpoint}"] + list(overrides)
+
 
 def w1_image_bytes(index: int, side: int = 896) -> bytes:
     """A distinct synthetic photo-like JPEG: gradients, shapes and texture (not flat colour, not noise)."""

@@ -29,11 +29,12 @@ NODE_CPUS = ["--set", "runtime.local_num_cpus=48", "--set", "batch.prepare_repli
 # fallback should it fail too.
 NO_FUSION = "{compilation_config: {pass_config: {fuse_allreduce_rms: false}}}"
 NO_FUSION_NCCL = "{compilation_config: {pass_config: {fuse_allreduce_rms: false}}, disable_custom_all_reduce: true}"
-SERVER_NO_FUSION = '--server-arg=--compilation-config {"pass_config": {"fuse_allreduce_rms": false}}'
+ONLINE = ["--duration-s", "15"]
 
 
-def _tp_pipeline(size: int, extra: str = NO_FUSION) -> list[str]:
-    return ["--set", f"engine.tensor_parallel_size={size}", "--set", f"engine.extra_engine_kwargs={extra}", *NODE_CPUS]
+def _tp(size: int, extra: str = NO_FUSION) -> list[str]:
+    """Engine overrides of a TP=`size` run; batch and online take the same ones (one config)."""
+    return ["--set", f"engine.tensor_parallel_size={size}", "--set", f"engine.extra_engine_kwargs={extra}"]
 
 
 RUNS = {
@@ -54,23 +55,26 @@ RUNS = {
         "--set", "engine.extra_engine_kwargs={compilation_config: {compile_mm_encoder: true, cudagraph_mm_encoder: true}}"]),
     # Engine layout on one multi-GPU node (issue tp4): one TP=N engine vs N replicas of TP=1, the same
     # CPUs for both (48 for Ray, up to 12 preparation replicas) so only the layout differs.
-    "pipeline-fp8-tp4": ("pipeline", "fp8", _tp_pipeline(4)),
-    "pipeline-fp8-tp4-nccl": ("pipeline", "fp8", _tp_pipeline(4, NO_FUSION_NCCL)),
+    "pipeline-fp8-tp4": ("pipeline", "fp8", [*_tp(4), *NODE_CPUS]),
+    "pipeline-fp8-tp4-nccl": ("pipeline", "fp8", [*_tp(4, NO_FUSION_NCCL), *NODE_CPUS]),
     "pipeline-fp8-4x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=4", *NODE_CPUS]),
-    "online-fp8-tp4": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20", SERVER_NO_FUSION]),
-    "online-fp8-tp4-nccl": ("online", "fp8", ["--layout", "tp4", "--duration-s", "20", SERVER_NO_FUSION,
-                                              "--server-arg=--disable-custom-all-reduce"]),
-    "online-fp8-4x1": ("online", "fp8", ["--layout", "4x1", "--duration-s", "20"]),
-    "pipeline-fp8-tp2": ("pipeline", "fp8", _tp_pipeline(2)),
+    "online-fp8-tp4": ("online", "fp8", ["--layout", "tp4", *_tp(4), *ONLINE]),
+    "online-fp8-tp4-nccl": ("online", "fp8", ["--layout", "tp4", *_tp(4, NO_FUSION_NCCL), *ONLINE]),
+    # The 2-GPU subset of the same four servers comes at no extra start-up.
+    "online-fp8-4x1": ("online", "fp8", ["--layout", "4x1", "--subsets", "2", *ONLINE]),
+    "pipeline-fp8-tp2": ("pipeline", "fp8", [*_tp(2), *NODE_CPUS]),
+    "pipeline-fp8-tp2-nccl": ("pipeline", "fp8", [*_tp(2, NO_FUSION_NCCL), *NODE_CPUS]),
     "pipeline-fp8-2x1": ("pipeline", "fp8", ["--set", "batch.engine_replicas=2", *NODE_CPUS]),
-    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2", "--duration-s", "20", SERVER_NO_FUSION]),
-    "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1", "--duration-s", "20"]),
+    "online-fp8-tp2": ("online", "fp8", ["--layout", "tp2", *_tp(2), *ONLINE]),
+    "online-fp8-tp2-nccl": ("online", "fp8", ["--layout", "tp2", *_tp(2, NO_FUSION_NCCL), *ONLINE]),
+    "online-fp8-2x1": ("online", "fp8", ["--layout", "2x1", *ONLINE]),
     # The same driver on one GPU or a CPU machine (smoke test of the online runner).
     "online-fp8-1x1": ("online", "fp8", ["--layout", "1x1"]),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
-# A failed run is followed at once by its fallback, if it has one (a lease has no time for a second try later).
-FALLBACKS = {"pipeline-fp8-tp4": "pipeline-fp8-tp4-nccl", "online-fp8-tp4": "online-fp8-tp4-nccl"}
+# A failed run is followed at once by its fallback, if it has one (a lease has no time for a second try
+# later), and the later runs of the same layout go straight to theirs.
+FALLBACKS = {f"{kind}-fp8-tp{n}": f"{kind}-fp8-tp{n}-nccl" for kind in ("pipeline", "online") for n in (2, 4)}
 
 
 def log(message: str) -> None:
@@ -139,9 +143,9 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
         command = ["-m", "bench.online_latency", str(checkpoints[precision]), "--label", name,
                    "--workdir", str(args.workdir)] + extra
         if args.device == "cpu":
-            command += ["--max-model-len", "1024", "--concurrency", "1,4", "--duration-s", "10", "--images", "16",
-                        "--max-tokens", "8", "--server-arg=--enforce-eager",
-                        "--server-arg=--kv-cache-memory-bytes 1073741824"]
+            command += ["--concurrency", "1,4", "--duration-s", "10", "--images", "16", "--max-tokens", "8",
+                        "--set", "engine.device=cpu", "--set", "engine.kv_cache_memory_bytes=1073741824",
+                        "--set", "engine.max_model_len=1024", "--set", "engine.enforce_eager=true"]
     else:
         command = ["-m", "bench.pipeline_run", str(checkpoints[precision]), str(data["pipeline"]), "--label", name] + extra
         if args.device == "cpu":
@@ -167,15 +171,21 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
     return results
 
 
+def _layout(name: str) -> str:
+    return name.rsplit("-", 1)[-1]
+
+
 def run_in_order(names: list[str], run, record, fallbacks: dict[str, str] = FALLBACKS) -> None:
-    """Run each configuration in turn, recording its results at once; a failed one is followed
-    immediately by its fallback, if it has one."""
+    """Run each configuration in turn, recording its results at once. A failed one is followed
+    immediately by its fallback, if it has one, and the queued runs of the same layout (pipeline and
+    online at TP=4, say) are swapped for their fallbacks: they would fail the same way."""
     queue = list(names)
     while queue:
         name = queue.pop(0)
         results = run(name)
         record(name, results)
         if any(r.get("failed") for r in results) and name in fallbacks:
+            queue = [fallbacks[q] if q in fallbacks and _layout(q) == _layout(name) else q for q in queue]
             queue.insert(0, fallbacks[name])
 
 

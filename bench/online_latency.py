@@ -1,6 +1,7 @@
 """Online latency of engine layouts on the same GPUs: one TP=N vLLM server vs N servers of TP=1.
 
-    python -m bench.online_latency CHECKPOINT --layout tp4|4x1|tp2|2x1 [--subsets 4,2,1] [--concurrency 1,8,64]
+    python -m bench.online_latency CHECKPOINT --layout tp4|4x1|tp2|2x1 [--subsets 2,1] [--concurrency 1,8,64] \
+        [--set engine.field=value ...]
 
 For each number of concurrent streams, clients send W1 requests (a distinct 896 px image each, so no
 cache flatters either layout; 128 tokens out, streamed) for a fixed time, spread round-robin over the
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED_TOKENS, W1_PROMPT, card_name, emit
+from bench.common import GENERATED_TOKENS, W1_PROMPT, bench_overrides, card_name, emit
 
 SERVED = "gemma-3-12b-it"
 
@@ -36,8 +37,33 @@ def parse_layout(layout: str) -> tuple[int, int]:
     return int(servers), int(tp)
 
 
-def start_servers(checkpoint: str, layout: str, base_port: int, extra: list[str], log_dir: Path,
-                  max_model_len: int = 8192):
+def vllm_cli_args(kwargs: dict) -> list[str]:
+    """Engine keyword arguments as `vllm serve` flags: --snake-case, booleans as --x / --no-x, dicts and
+    lists as JSON, None left to vLLM's default."""
+    args = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (dict, list)):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def server_engine_kwargs(overrides: list[str], checkpoint: str, tp: int) -> dict:
+    """The batch job's engine arguments for this checkpoint and overrides, at tensor-parallel size `tp`."""
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import engine_kwargs
+
+    config = PipelineConfig.load(overrides=bench_overrides(checkpoint, overrides)).with_absolute_paths()
+    return {**engine_kwargs(config), "tensor_parallel_size": tp}
+
+
+def start_servers(checkpoint: str, layout: str, base_port: int, engine: dict, log_dir: Path):
     servers, tp = parse_layout(layout)
     processes, urls = [], []
     for index in range(servers):
@@ -46,10 +72,7 @@ def start_servers(checkpoint: str, layout: str, base_port: int, extra: list[str]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
                    "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
-                   "--tensor-parallel-size", str(tp), "--max-model-len", str(max_model_len), "--max-num-seqs", "256",
-                   "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
-                   "--hf-overrides", json.dumps({"architectures": ["Gemma3FastImagesForConditionalGeneration"]}),
-                   *extra]
+                   *vllm_cli_args(engine)]
         log = open(log_dir / f"server-{layout}-{index}.log", "w")
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
@@ -138,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2048, help="distinct W1 images to cycle through")
     parser.add_argument("--base-port", type=int, default=18100)
     parser.add_argument("--workdir", default="/tmp/bench")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra vLLM server argument")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override, as for the batch job (engine.*)")
     parser.add_argument("--ready-timeout-s", type=float, default=900)
-    parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--subsets", default="", help="also measure on the first k servers, e.g. 2,1")
     args = parser.parse_args(argv)
 
@@ -153,14 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(8) as pool:
         blobs = list(pool.map(w1_image_bytes, range(200_000, 200_000 + args.images), chunksize=32))
     images = ["data:image/jpeg;base64," + base64.b64encode(b).decode() for b in blobs]
-    extra = [item for arg in args.server_arg for item in arg.split(" ", 1)]
-    processes, urls = start_servers(args.checkpoint, args.layout, args.base_port, extra, workdir, args.max_model_len)
+    servers, tp = parse_layout(args.layout)
+    engine = server_engine_kwargs(args.overrides, args.checkpoint, tp)
+    processes, urls = start_servers(args.checkpoint, args.layout, args.base_port, engine, workdir)
     try:
         started = time.perf_counter()
         wait_ready(processes, urls, args.ready_timeout_s)
         startup_s = time.perf_counter() - started
         asyncio.run(load(urls, images[:8], 2, 5, 8))  # warm-up, not counted
-        servers, tp = parse_layout(args.layout)
         used = [servers] + [int(k) for k in args.subsets.split(",") if k and int(k) < servers]
         for count in used:
             layout = args.layout if count == servers else f"{count}x{tp}"

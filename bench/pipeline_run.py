@@ -11,17 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import GENERATED_TOKENS, GpuSampler, card_name, emit
-
-BENCH_SETTINGS = [
-    "engine.device=gpu", "engine.tensor_parallel_size=1", "engine.max_model_len=8192",
-    "engine.max_num_seqs=256", "engine.gpu_memory_utilization=0.9", "engine.enforce_eager=false",
-    f"sampling.max_tokens={GENERATED_TOKENS}", "sampling.ignore_eos=true", "sampling.temperature=0",
-    "model.quantization=any", "batch.engine_replicas=1", "batch.engine_batch_size=64",
-    "batch.max_concurrent_batches=8", "batch.prepare_replicas=[2,6]", "batch.prepare_batch_size=32",
-    "runtime.local_num_cpus=16",
-]
-
+from bench.common import GpuSampler, bench_overrides, card_name, emit
 
 def steady_rate(arrivals: list[tuple[float, int]], total: int, low: float = 0.1, high: float = 0.9) -> float:
     """Rows per second between the arrival of the `low` and `high` fractions of all rows."""
@@ -50,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import PipelineConfig
     from pipeline.runtime import init_ray
 
-    overrides = BENCH_SETTINGS + [f"model.source={args.checkpoint}"] + args.overrides
+    overrides = bench_overrides(args.checkpoint, args.overrides)
     config = PipelineConfig.load(overrides=overrides).with_absolute_paths()
     total = pq.ParquetFile(args.w1_parquet).metadata.num_rows
     started = time.perf_counter()

@@ -1,5 +1,6 @@
 """The layout benchmark: its table in docs/performance.md is computed from the results file (ratios
-included), and a failed TP run is followed by its fallback in the same lease."""
+included), a failed TP run is followed by its fallback in the same lease, and the online servers get the
+batch job's engine arguments through vLLM's own command line."""
 from bench.render_layouts import BEGIN, END, layout_of, main, render
 
 RESULTS = {
@@ -61,7 +62,55 @@ def test_a_failed_tp_run_is_followed_by_its_fallback_at_once():
         ran.append(name)
         return [{"label": name, "failed": True}] if name == "pipeline-fp8-tp4" else [{"label": name}]
 
-    run_in_order(["pipeline-fp8-tp4", "pipeline-fp8-4x1", "online-fp8-tp4"], run,
+    run_in_order(["pipeline-fp8-tp4", "pipeline-fp8-4x1", "online-fp8-tp4", "online-fp8-tp2"], run,
                  lambda name, results: recorded.append(name))
-    # online-fp8-tp4 succeeded, so its fallback does not run.
-    assert ran == recorded == ["pipeline-fp8-tp4", "pipeline-fp8-tp4-nccl", "pipeline-fp8-4x1", "online-fp8-tp4"]
+    # The fallback runs at once; the queued TP=4 online run goes straight to its fallback, other layouts
+    # (4x1, tp2) keep theirs.
+    assert ran == recorded == ["pipeline-fp8-tp4", "pipeline-fp8-tp4-nccl", "pipeline-fp8-4x1",
+                               "online-fp8-tp4-nccl", "online-fp8-tp2"]
+
+
+def test_a_run_that_succeeds_keeps_the_later_runs_as_named():
+    from bench.gpu_throughput import run_in_order
+
+    ran = []
+    run_in_order(["online-fp8-tp4", "pipeline-fp8-tp4"], lambda name: ran.append(name) or [{"label": name}],
+                 lambda name, results: None)
+    assert ran == ["online-fp8-tp4", "pipeline-fp8-tp4"]
+
+
+def test_online_servers_get_the_batch_engine_arguments_through_vllms_parser():
+    """The flags parse back, with vLLM's own engine argument parser, into the values our config gives
+    the batch engine: TP from the layout, booleans both ways, dicts as JSON, the TP-run overrides."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from bench.common import bench_overrides
+    from bench.gpu_throughput import NO_FUSION_NCCL
+    from bench.online_latency import server_engine_kwargs, vllm_cli_args
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import engine_kwargs
+
+    overrides = [f"engine.extra_engine_kwargs={NO_FUSION_NCCL}", "engine.enable_prefix_caching=false"]
+    kwargs = server_engine_kwargs(overrides, "/models/gemma3-12b-fp8", tp=4)
+    batch = engine_kwargs(PipelineConfig.load(overrides=bench_overrides(
+        "/models/gemma3-12b-fp8", overrides + ["engine.tensor_parallel_size=4"])).with_absolute_paths())
+    assert kwargs == batch
+
+    flags = vllm_cli_args(kwargs)
+    assert "--no-enable-prefix-caching" in flags and "--disable-custom-all-reduce" in flags
+    parsed = AsyncEngineArgs.from_cli_args(
+        AsyncEngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "/models/x", *flags]))
+    assert parsed.tensor_parallel_size == 4
+    assert parsed.enable_prefix_caching is False and parsed.enforce_eager is False
+    assert parsed.disable_custom_all_reduce is True
+    assert parsed.max_model_len == kwargs["max_model_len"] and parsed.max_num_seqs == kwargs["max_num_seqs"]
+    assert parsed.gpu_memory_utilization == kwargs["gpu_memory_utilization"]
+    assert parsed.limit_mm_per_prompt == {"image": 1}
+    assert parsed.hf_overrides == {"architectures": ["Gemma3FastImagesForConditionalGeneration"]}
+    assert parsed.structured_outputs_config.backend == "xgrammar"
+    assert parsed.structured_outputs_config.disable_any_whitespace is True
+    fusion = parsed.compilation_config
+    fusion = fusion.pass_config if hasattr(fusion, "pass_config") else fusion["pass_config"]
+    fusion = fusion.fuse_allreduce_rms if hasattr(fusion, "fuse_allreduce_rms") else fusion["fuse_allreduce_rms"]
+    assert fusion is False
