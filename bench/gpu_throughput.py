@@ -132,7 +132,7 @@ def build_checkpoints(workdir: Path, shape: str, device: str) -> dict[str, Path]
 
 def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[dict]:
     kind, precision, extra = RUNS[name]
-    extra = [item.format(workdir=args.workdir) for item in extra]
+    extra = [item.replace("{workdir}", str(args.workdir)) for item in extra]  # not format(): overrides hold braces
     if kind == "plain":
         command = ["-m", "bench.plain_vllm", str(checkpoints[precision]), str(data["plain"]), "--label", name,
                    "--n", str(args.plain_n), "--text-n", str(args.text_n)] + extra
