@@ -118,7 +118,7 @@ async def load(urls: list[str], images: list[str], streams: int, duration_s: flo
     import openai
 
     clients = [openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for url in urls]
-    latencies, ttfts, errors = [], [], 0
+    latencies, ttfts, errors, error_kinds = [], [], 0, {}
     counter = iter(range(10**9))
     stop_at = time.perf_counter() + duration_s
 
@@ -130,8 +130,10 @@ async def load(urls: list[str], images: list[str], streams: int, duration_s: flo
                 latency, ttft = await stream_one(clients[n % len(clients)], images[n % len(images)], max_tokens)
                 latencies.append(latency)
                 ttfts.append(ttft)
-            except openai.APIError:
+            except openai.APIError as exc:  # counted and named: a number alone says nothing about the cause
                 errors += 1
+                kind = f"{type(exc).__name__}: {str(exc)[:120]}"
+                error_kinds[kind] = error_kinds.get(kind, 0) + 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(streams)))
@@ -143,7 +145,8 @@ async def load(urls: list[str], images: list[str], streams: int, duration_s: flo
         ordered = sorted(values)
         return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 3) if ordered else None
 
-    return {"streams": streams, "ok": len(latencies), "errors": errors, "seconds": round(elapsed, 1),
+    return {"streams": streams, "ok": len(latencies), "errors": errors, "error_kinds": error_kinds,
+            "seconds": round(elapsed, 1),
             "requests_per_s": round(len(latencies) / elapsed, 2),
             "latency_p50_s": q(latencies, 0.5), "latency_p99_s": q(latencies, 0.99),
             "ttft_p50_s": q(ttfts, 0.5), "ttft_p99_s": q(ttfts, 0.99),
@@ -183,7 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         wait_ready(processes, urls, args.ready_timeout_s)
         startup_s = time.perf_counter() - started
-        asyncio.run(load(urls, images[:8], 2, 5, 8))  # warm-up, not counted
+        # Warm-up, not counted: every server at the highest concurrency, so the batch shapes of all levels
+        # (vision encoder included, which has no CUDA graphs) have run once before anything is timed. The
+        # 2026-11-27 lease warmed with 2 streams only, and its first high-concurrency level paid for that.
+        levels = [int(c) for c in args.concurrency.split(",")]
+        asyncio.run(load(urls, images[-256:], max(levels), 10, 16))
         used = [servers] + [int(k) for k in args.subsets.split(",") if k and int(k) < servers]
         for count in used:
             layout = args.layout if count == servers else f"{count}x{tp}"

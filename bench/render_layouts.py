@@ -77,7 +77,8 @@ def render(results: dict) -> str:
               "| layout | concurrent streams | requests/s | latency p50 | latency p99 | time to first token p50 | TTFT p99 | errors |",
               "|---|---|---|---|---|---|---|---|"]
     for run in online:
-        lines.append(f"| {describe(layout_of(run))} | {run['streams']} | {run['requests_per_s']:.2f} | "
+        subset = " (of the started servers)" if "started)" in run.get("engine", "") else ""
+        lines.append(f"| {describe(layout_of(run))}{subset} | {run['streams']} | {run['requests_per_s']:.2f} | "
                      f"{_ms(run.get('latency_p50_s'))} | {_ms(run.get('latency_p99_s'))} | {_ms(run.get('ttft_p50_s'))} | "
                      f"{_ms(run.get('ttft_p99_s'))} | {run.get('errors', 0)} |")
     missing = [r["label"] for r in results["runs"] if r.get("failed")]

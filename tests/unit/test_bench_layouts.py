@@ -13,6 +13,8 @@ RESULTS = {
          "latency_p50_s": 1.1, "latency_p99_s": 1.3, "ttft_p50_s": 0.05, "ttft_p99_s": 0.08, "errors": 0},
         {"label": "online-fp8-1x1", "layout": "1x1", "workload": "W1-online", "streams": 1, "requests_per_s": 0.5,
          "latency_p50_s": 2.0, "latency_p99_s": 2.4, "ttft_p50_s": 0.09, "ttft_p99_s": 0.1, "errors": 0},
+        {"label": "online-fp8-2x1", "layout": "2x1", "workload": "W1-online", "streams": 8, "requests_per_s": 7.5,
+         "engine": "vLLM OpenAI server, layout 2x1 (of 4x1 started)", "latency_p50_s": 0.9, "errors": 0},
         {"label": "online-fp8-4x1", "failed": True, "exit": "timeout"},
     ],
 }
@@ -34,6 +36,8 @@ def test_render_tables_ratio_and_unfinished_runs():
     assert "| one engine, TP=4 | 1 | 0.90 | 1100 ms | 1300 ms | 50 ms | 80 ms | 0 |" in text
     # Online rows sort by GPUs: the one-GPU subset comes before the 4-GPU engine.
     assert text.index("| 1 x TP=1 replicas | 1 |") < text.index("| one engine, TP=4 | 1 |")
+    # A subset of the started servers says so.
+    assert "| 2 x TP=1 replicas (of the started servers) | 8 | 7.50 | 900 ms |" in text
     assert "Failed in this run (the text below says why): online-fp8-4x1." in text
 
 
