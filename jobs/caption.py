@@ -18,7 +18,7 @@ See the plan first (stages, replicas, placement, memory per replica; no engine, 
 
 Examples of overrides (any config field, YAML values):
 
-    --set engine.tensor_parallel_size=1 --set batch.engine_replicas=[1,8] --set sampling.max_tokens=64
+    --set engine.tensor_parallel_size=4 --set batch.engine_replicas=[1,8] --set sampling.max_tokens=64
     --set report.gpu_hourly_usd=2.49            # cost estimate in the report ($ per 1M images)
     --set runtime.metrics_export_port=8080      # embedded Ray's Prometheus endpoint (/metrics)
 

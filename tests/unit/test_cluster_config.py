@@ -65,3 +65,19 @@ def test_setup_installs_the_project_with_the_gpu_extra(cluster):
     mounted = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")
     assert any(f"pip install" in command and f"{mounted}[gpu]" in command for command in cluster["setup_commands"])
     assert any(".venv" in pattern for pattern in cluster["rsync_exclude"])
+
+
+def test_production_config_asks_for_no_more_gpus_than_the_cluster_has(cluster):
+    """configs/gpu-fp8.yaml's largest batch pool and Serve pool each fit the GPUs cluster.yaml can add:
+    a replica count the autoscaler can never place would leave a job waiting for nodes forever."""
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import fixed_or_range, workers_per_replica
+
+    config = PipelineConfig.load(ROOT / "configs" / "gpu-fp8.yaml", environ={})
+    worker = cluster["available_node_types"]["gpu_l40s_x4"]
+    cluster_gpus = worker["resources"]["GPU"] * worker["max_workers"]
+    per_replica = workers_per_replica(config)
+    assert fixed_or_range(config.batch.engine_replicas)[1] * per_replica <= cluster_gpus
+    assert config.serve.max_replicas * per_replica <= cluster_gpus
+    # One replica per GPU is the measured layout (docs/performance.md, "TP=4 vs 4 x TP=1").
+    assert per_replica == 1 and fixed_or_range(config.batch.engine_replicas)[1] == cluster_gpus

@@ -6,9 +6,10 @@ from pipeline.engine import engine_kwargs, fixed_or_range, placement_group
 CPU = ["engine.device=cpu", "engine.kv_cache_memory_bytes=1073741824"]
 
 
-def test_defaults_mirror_the_seed_deployment():
+def test_defaults_mirror_the_seed_deployment_but_the_measured_layout():
     config = PipelineConfig.load(environ={})
-    assert config.engine.tensor_parallel_size == 4
+    # One GPU per replica, not the seed's TP=4: measured on a 4 x H200 node (docs/performance.md).
+    assert config.engine.tensor_parallel_size == 1
     assert config.engine.gpu_memory_utilization == 0.9
     assert config.engine.max_model_len == 8192
     assert config.model.served_name == "gemma-3-12b-it"
@@ -64,7 +65,8 @@ def test_environment_fills_storage_and_ray_address_only_when_unset():
 
 
 def test_engine_kwargs_gpu_and_cpu():
-    gpu = engine_kwargs(PipelineConfig.load(environ={}))
+    tp4 = PipelineConfig.load(overrides=["engine.tensor_parallel_size=4"], environ={})
+    gpu = engine_kwargs(tp4)
     assert gpu["tensor_parallel_size"] == 4 and gpu["gpu_memory_utilization"] == 0.9
     assert gpu["max_model_len"] == 8192 and gpu["limit_mm_per_prompt"] == {"image": 1}
     assert "kv_cache_memory_bytes" not in gpu
@@ -75,7 +77,8 @@ def test_engine_kwargs_gpu_and_cpu():
     assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == 1073741824
     assert cpu["mm_processor_cache_gb"] == 0
     assert placement_group(cpu_config) == {"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"}
-    assert placement_group(PipelineConfig.load(environ={}))["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
+    assert placement_group(tp4)["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
+    assert placement_group(PipelineConfig.load(environ={}))["bundles"] == [{"GPU": 1, "CPU": 1}]
 
 
 def test_int_concurrency_means_fixed_pool():

@@ -26,7 +26,8 @@ def test_kv_bytes_count_sliding_layers_up_to_their_window():
 
 
 def test_gpu_memory_per_card():
-    config = PipelineConfig.load(overrides=["engine.accelerator_type=H100"], environ={})  # TP 4, utilisation 0.9
+    config = PipelineConfig.load(overrides=["engine.accelerator_type=H100", "engine.tensor_parallel_size=4"],
+                                 environ={})  # utilisation 0.9 (default)
     memory = memory_estimate(config, FP8_12B_BYTES, GEMMA3_12B)
     assert memory["weights_per_rank_bytes"] == FP8_12B_BYTES / 4
     assert list(memory["cards"]) == ["H100"]

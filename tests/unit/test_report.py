@@ -45,7 +45,7 @@ def _manifest(config: PipelineConfig, wall_s: float = 100.0) -> dict:
 
 
 @pytest.mark.parametrize("overrides, billed", [
-    pytest.param([], 32, id="largest-replicas-x-tp"),
+    pytest.param(["engine.tensor_parallel_size=4"], 32, id="largest-replicas-x-tp"),
     pytest.param(["batch.engine_replicas=2", "engine.tensor_parallel_size=1"], 2, id="fixed-pool"),
     pytest.param(["report.billed_gpus=40"], 40, id="billed-override"),
 ])

@@ -65,7 +65,7 @@ def test_llm_config_args_autoscale_and_bound_the_queue():
         "max_ongoing_requests": 128, "max_queued_requests": 64}
     assert args["model_loading_config"] == {"model_id": "gemma-3-12b-it",
                                             "model_source": "RedHatAI/gemma-3-12b-it-FP8-dynamic"}
-    assert args["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}] * 4
+    assert args["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}]  # one GPU per replica (default)
     assert args["accelerator_type"] == "L40S" and "accelerator_config" not in args
     assert ingress_deployment_config(config) == {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64.0},
