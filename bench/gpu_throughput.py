@@ -130,7 +130,8 @@ def build_checkpoints(workdir: Path, shape: str, device: str) -> dict[str, Path]
     return {"bf16": bf16, "fp8": fp8}
 
 
-def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[dict]:
+def run_command(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[str]:
+    """The `python` arguments of one named run."""
     kind, precision, extra = RUNS[name]
     extra = [item.replace("{workdir}", str(args.workdir)) for item in extra]  # not format(): overrides hold braces
     if kind == "plain":
@@ -153,6 +154,11 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
                         "--set", "engine.max_model_len=1024", "--set", "engine.enforce_eager=true",
                         "--set", "runtime.local_num_cpus=8", "--set", "batch.prepare_replicas=1",
                         "--set", "sampling.max_tokens=16", "--set", "engine.max_num_seqs=16"]
+    return command
+
+
+def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[dict]:
+    command = run_command(name, checkpoints, data, args)
     log(f"run {name}: python {' '.join(command)}")
     started = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -118,3 +118,27 @@ def test_online_servers_get_the_batch_engine_arguments_through_vllms_parser():
     fusion = fusion.pass_config if hasattr(fusion, "pass_config") else fusion["pass_config"]
     fusion = fusion.fuse_allreduce_rms if hasattr(fusion, "fuse_allreduce_rms") else fusion["fuse_allreduce_rms"]
     assert fusion is False
+
+
+def test_every_named_run_builds_a_command_whose_overrides_the_config_accepts():
+    """A typo in a run's `--set` (or an override the config rejects) would otherwise surface only on a
+    lent GPU, minutes into a lease: every named run is expanded and its overrides loaded here."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    from bench.common import bench_overrides
+    from bench.gpu_throughput import RUNS, run_command
+    from pipeline.config import PipelineConfig
+
+    args = Namespace(workdir="/tmp/bench", plain_n=8, text_n=8, device="cuda")
+    checkpoints = {"fp8": Path("/tmp/bench/fp8"), "bf16": Path("/tmp/bench/bf16")}
+    data = {"plain": Path("/tmp/bench/plain.parquet"), "pipeline": Path("/tmp/bench/w1.parquet")}
+    for name, (kind, _, _) in RUNS.items():
+        command = run_command(name, checkpoints, data, args)
+        assert command[1] == f"bench.{'plain_vllm' if kind == 'plain' else 'online_latency' if kind == 'online' else 'pipeline_run'}"
+        assert not any("{workdir}" in item for item in command), name
+        overrides = [command[i + 1] for i, item in enumerate(command) if item == "--set"]
+        if kind != "plain":
+            PipelineConfig.load(overrides=bench_overrides("/tmp/bench/fp8", overrides), environ={})
+    assert "--profile-dir" in run_command("plain-fp8", checkpoints, data, args)
+    assert "/tmp/bench/profile-plain-fp8" in run_command("plain-fp8", checkpoints, data, args)
