@@ -123,6 +123,14 @@ class EngineSection(_Section):
         default=None,
         description="Ray accelerator type to pin engine replicas to (e.g. 'L40S', 'H100'); None means any.",
     )
+    gpu_share: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of one GPU each engine worker reserves from Ray. 0.5 places two TP=1 replicas "
+        "on every GPU, so one fills the gaps the other leaves (the engine loop's CPU work, a GPU busy "
+        "~77% of the time with one replica, docs/performance.md). Needs tensor_parallel_size x "
+        "pipeline_parallel_size = 1, gpu_memory_utilization <= the share, and kv_cache_memory_bytes: "
+        "vLLM sizes its KV cache by profiling free memory, which a neighbour on the same GPU distorts.",
+    )
 
 
 class SamplingSection(_Section):
@@ -571,6 +579,24 @@ class PipelineConfig(_Section):
                 f"openai_batch.max_tokens_cap ({openai_batch.max_tokens_cap}) must be below engine.max_model_len "
                 f"({self.engine.max_model_len}) to leave room for the prompt"
             )
+        engine = self.engine
+        if engine.device == "gpu" and engine.gpu_share < 1:
+            if engine.tensor_parallel_size * engine.pipeline_parallel_size != 1:
+                raise ValueError(
+                    f"engine.gpu_share ({engine.gpu_share}) below 1 needs one GPU worker per replica "
+                    f"(tensor_parallel_size x pipeline_parallel_size is "
+                    f"{engine.tensor_parallel_size * engine.pipeline_parallel_size}): a TP group shares no GPU"
+                )
+            if engine.gpu_memory_utilization > engine.gpu_share:
+                raise ValueError(
+                    f"engine.gpu_memory_utilization ({engine.gpu_memory_utilization}) exceeds engine.gpu_share "
+                    f"({engine.gpu_share}): the replicas sharing a GPU would ask for more than all of it"
+                )
+            if engine.kv_cache_memory_bytes is None:
+                raise ValueError(
+                    "engine.kv_cache_memory_bytes is required with engine.gpu_share below 1: vLLM sizes the "
+                    "KV cache from free memory, which the other replica on the GPU is changing"
+                )
         if self.engine.device == "cpu" and self.engine.kv_cache_memory_bytes is None:
             raise ValueError(
                 "engine.kv_cache_memory_bytes is required with engine.device=cpu "

@@ -67,13 +67,21 @@ def workers_per_replica(config: PipelineConfig) -> int:
     return config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size
 
 
+def gpus_per_replica(config: PipelineConfig) -> float:
+    """GPUs one engine replica holds: its workers x engine.gpu_share (0 on CPU)."""
+    if config.engine.device != "gpu":
+        return 0
+    return workers_per_replica(config) * config.engine.gpu_share
+
+
 def placement_group(config: PipelineConfig) -> dict[str, Any]:
     """One bundle per engine worker. STRICT_PACK keeps a TP group on one node (NVLink, not the network)."""
     count = workers_per_replica(config)
     if config.engine.device == "cpu":
         # Without explicit CPU bundles the engine asks Ray for a GPU and never schedules (NOTES §2).
         return {"bundles": [{"CPU": 1}] * count, "strategy": "STRICT_PACK"}
-    return {"bundles": [{"GPU": 1, "CPU": 1}] * count, "strategy": "STRICT_PACK"}
+    # A fractional GPU (engine.gpu_share) lets Ray place several one-GPU replicas on each GPU.
+    return {"bundles": [{"GPU": config.engine.gpu_share, "CPU": 1}] * count, "strategy": "STRICT_PACK"}
 
 
 def runtime_env(config: PipelineConfig) -> dict[str, Any] | None:

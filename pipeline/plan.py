@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 
 from .checkpoint import checkpoint_weight_bytes, read_checkpoint_file
 from .config import PipelineConfig
-from .engine import engine_kwargs, fixed_or_range, placement_group, workers_per_replica
+from .engine import engine_kwargs, fixed_or_range, gpus_per_replica, placement_group, workers_per_replica
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, outp
     low, high = fixed_or_range(batch.engine_replicas)
     prepare = fixed_or_range(batch.prepare_replicas)
     placement = placement_group(config)
-    gpus_per_replica = workers_per_replica(config) if engine.device == "gpu" else 0
+    gpus_each = gpus_per_replica(config)
     stages = [
         {"stage": "read parquet", "runs_as": "Ray Data read tasks", "replicas": "per file block",
          "resources": "1 CPU per task"},
@@ -130,8 +130,8 @@ def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, outp
         "model": {**model_plan.checkpoint.as_dict(), "image_size_px": model_plan.image_target.size_px,
                   "stop_token_ids": model_plan.stop_token_ids},
         "output": {"uri": output_uri, "state": output},
-        "engine": {"device": engine.device, "replicas": [low, high], "gpus_per_replica": gpus_per_replica,
-                   "gpus_at_most": gpus_per_replica * high, "placement_group": placement,
+        "engine": {"device": engine.device, "replicas": [low, high], "gpus_per_replica": gpus_each,
+                   "gpus_at_most": gpus_each * high, "placement_group": placement,
                    "engine_kwargs": engine_kwargs(config)},
         "stages": stages,
         "memory": memory_estimate(config, weights_bytes, model_config),
@@ -182,7 +182,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"weights {_gib(mem['weights_bytes'])}",
         f"output  {o['uri']}: {o['state']}",
         f"engine  {e['device']}: replicas {_range(tuple(e['replicas']))}, "
-        + (f"{e['gpus_per_replica']} GPU(s) per replica, {e['gpus_at_most']} GPU(s) at most"
+        + (f"{e['gpus_per_replica']:g} GPU(s) per replica, {e['gpus_at_most']:g} GPU(s) at most"
            if e["device"] == "gpu" else "no GPU (CPU engine)")
         + f"; placement per replica {json.dumps(e['placement_group'])}",
         "",

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 
 from . import records as R
 from .config import PipelineConfig
-from .engine import fixed_or_range, workers_per_replica
+from .engine import fixed_or_range, gpus_per_replica, workers_per_replica
 from .storage import join, make_filesystem, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,18 +60,20 @@ def load_output_columns(config: PipelineConfig, output_uri: str) -> pa.Table:
 
 def cost_estimate(config: PipelineConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     """$ per 1M images = wall_s x billed GPUs x $/GPU-hour / 3600 / rows x 1e6, with its assumptions."""
-    per_replica = workers_per_replica(config)
+    on_gpu = config.engine.device == "gpu"
+    per_replica = gpus_per_replica(config) if on_gpu else workers_per_replica(config)
     max_replicas = fixed_or_range(config.batch.engine_replicas)[1]
     gpus = config.report.billed_gpus or max_replicas * per_replica
-    unit = "GPU" if config.engine.device == "gpu" else "engine worker"
+    unit = "GPU" if on_gpu else "engine worker"
     wall_s = float(manifest["wall_s"])
     rows, ok = manifest["counts"]["rows_out"], manifest["counts"]["ok"]
     gpu_hours = wall_s * gpus / 3600.0
     basis = (f"{config.report.billed_gpus} billed {unit}s (report.billed_gpus)" if config.report.billed_gpus
-             else f"{max_replicas} engine replica(s) x {per_replica} {unit}(s) each "
-                  "(the largest engine_replicas x tensor_parallel_size x pipeline_parallel_size)")
+             else f"{max_replicas} engine replica(s) x {per_replica:g} {unit}(s) each "
+                  "(the largest engine_replicas x tensor_parallel_size x pipeline_parallel_size"
+                  + (" x engine.gpu_share)" if on_gpu else ")"))
     assumptions = [
-        f"{gpus} {unit}(s) held for the whole wall time of {wall_s:,.1f} s: {basis}.",
+        f"{gpus:g} {unit}(s) held for the whole wall time of {wall_s:,.1f} s: {basis}.",
         "Wall time runs from the job's start to its last write, so it includes the model load and the "
         "engine start-up; on a short run these dominate and the estimate is high.",
         "Only accelerator time is priced: CPU workers for image preparation, storage and transfer are not.",

@@ -34,6 +34,12 @@ def test_yaml_then_overrides(tmp_path):
     pytest.param(["batch.engine_replicas=[5, 2]"], "1 <= min <= max", id="concurrency-order"),
     pytest.param(["batch.engine_replicas=0"], "engine_replicas must be >= 1", id="concurrency-zero"),
     pytest.param(["engine.device=cpu"], "kv_cache_memory_bytes is required", id="cpu-needs-kv-cap"),
+    pytest.param(["engine.gpu_share=0.5", "engine.tensor_parallel_size=2", "engine.gpu_memory_utilization=0.45",
+                  "engine.kv_cache_memory_bytes=1"], "a TP group shares no GPU", id="share-needs-tp1"),
+    pytest.param(["engine.gpu_share=0.5", "engine.kv_cache_memory_bytes=1"],
+                 "gpu_memory_utilization (0.9) exceeds engine.gpu_share (0.5)", id="share-vs-memory"),
+    pytest.param(["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45"],
+                 "kv_cache_memory_bytes is required with engine.gpu_share below 1", id="share-needs-kv-cap"),
     pytest.param(["sampling.max_tokens=9000"], "must be below engine.max_model_len", id="tokens-vs-context"),
     pytest.param(["nonsense"], "expected section.field=value", id="bad-override"),
     pytest.param(["model.quantization=fp8"], "model.quantization: Input should be 'fp8-dynamic', 'none' or 'any' "
@@ -132,3 +138,14 @@ def test_report_and_metrics_fields():
                                  environ={})
     assert config.report.gpu_hourly_usd == 2.49 and config.report.enabled and config.report.billed_gpus is None
     assert config.runtime.metrics_export_port == 8080 and config.runtime.engine_metrics
+
+
+def test_two_replicas_per_gpu_reserve_half_a_gpu_each():
+    from pipeline.engine import gpus_per_replica
+
+    config = PipelineConfig.load(overrides=["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45",
+                                            "engine.kv_cache_memory_bytes=17179869184"], environ={})
+    assert placement_group(config) == {"bundles": [{"GPU": 0.5, "CPU": 1}], "strategy": "STRICT_PACK"}
+    assert gpus_per_replica(config) == 0.5
+    kwargs = engine_kwargs(config)
+    assert kwargs["gpu_memory_utilization"] == 0.45 and kwargs["kv_cache_memory_bytes"] == 17179869184

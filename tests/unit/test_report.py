@@ -48,6 +48,8 @@ def _manifest(config: PipelineConfig, wall_s: float = 100.0) -> dict:
     pytest.param(["engine.tensor_parallel_size=4"], 32, id="largest-replicas-x-tp"),
     pytest.param(["batch.engine_replicas=2", "engine.tensor_parallel_size=1"], 2, id="fixed-pool"),
     pytest.param(["report.billed_gpus=40"], 40, id="billed-override"),
+    pytest.param(["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45", "engine.kv_cache_memory_bytes=1"],
+                 4, id="two-replicas-per-gpu"),
 ])
 def test_cost_per_million_images(overrides, billed):
     config = PipelineConfig.load(overrides=["batch.engine_replicas=[1,8]", "report.gpu_hourly_usd=3.0", *overrides],

@@ -1,0 +1,39 @@
+"""Replicas per GPU reach Ray Data as a fractional GPU: `engine.gpu_share` 0.5 gives each vLLM engine
+actor half a GPU, so Ray places two on every GPU. Checked on the real `ray.data.llm.build_processor`
+(in a child process: it starts a local Ray, which no other unit test shares)."""
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = """
+import json, ray
+from ray.data.llm import build_processor
+from pipeline.batch import processor_config
+from pipeline.config import PipelineConfig
+overrides = {overrides!r}
+config = PipelineConfig.load(overrides=overrides + ["model.source={model}"], environ={{}})
+stages = build_processor(processor_config(config)).stages
+engine = stages["vLLMEngineStage"] if isinstance(stages, dict) else [s for s in stages if type(s).__name__ == "vLLMEngineStage"][0]
+compute = engine.map_batches_kwargs["compute"]
+print("STAGE", json.dumps({{"num_gpus": engine.map_batches_kwargs.get("num_gpus"),
+                          "replicas": [compute.min_size, compute.max_size]}}))
+ray.shutdown()
+"""
+
+
+def engine_stage(model, overrides):
+    result = subprocess.run([sys.executable, "-c", SCRIPT.format(overrides=overrides, model=model)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("STAGE ")]
+    assert lines, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(lines[0][len("STAGE "):])
+
+
+def test_two_replicas_per_gpu_ask_ray_for_half_a_gpu_each(tiny_model):
+    shared = engine_stage(tiny_model, ["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45",
+                                       "engine.kv_cache_memory_bytes=17179869184", "batch.engine_replicas=2"])
+    assert shared == {"num_gpus": 0.5, "replicas": [2, 2]}
+    whole = engine_stage(tiny_model, ["batch.engine_replicas=2"])
+    assert whole == {"num_gpus": 1, "replicas": [2, 2]}
