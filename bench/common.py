@@ -19,8 +19,9 @@ GENERATED_TOKENS = 128
 RESULT_PREFIX = "RESULT "
 
 # The engine settings of every benchmark run, batch and online alike: one PipelineConfig gives both their
-# vLLM engine arguments (`pipeline.engine.engine_kwargs`), so a layout is compared on the same engine and
-# vLLM's compile cache, keyed on those arguments, serves the second start of the same layout.
+# vLLM engine arguments (`pipeline.engine.engine_kwargs`), so a layout is compared on the same engine.
+# (vLLM's compile cache still did not carry over from a batch start to an online one: on 2026-11-27 the
+# printed engine configs matched but the cache keys differed, so every start compiled, ~70 s.)
 BENCH_SETTINGS = [
     "engine.device=gpu", "engine.tensor_parallel_size=1", "engine.max_model_len=8192",
     "engine.max_num_seqs=256", "engine.gpu_memory_utilization=0.9", "engine.enforce_eager=false",
