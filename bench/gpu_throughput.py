@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULT_PREFIX, write_w1_parquet
+from bench.render_layouts import layout_of
 
 NODE_CPUS = ["--set", "runtime.local_num_cpus=48", "--set", "batch.prepare_replicas=[4,12]"]
 # vLLM (0.26) fuses TP all-reduce with RMSNorm through FlashInfer's MNNVL backend, which allocates NVLink
@@ -183,10 +184,6 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
     return results
 
 
-def _layout(name: str) -> str:
-    return name.rsplit("-", 1)[-1]
-
-
 def run_in_order(names: list[str], run, record, fallbacks: dict[str, str] = FALLBACKS) -> None:
     """Run each configuration in turn, recording its results at once. A failed one is followed
     immediately by its fallback, if it has one, and the queued runs of the same layout (pipeline and
@@ -197,7 +194,8 @@ def run_in_order(names: list[str], run, record, fallbacks: dict[str, str] = FALL
         results = run(name)
         record(name, results)
         if any(r.get("failed") for r in results) and name in fallbacks:
-            queue = [fallbacks[q] if q in fallbacks and _layout(q) == _layout(name) else q for q in queue]
+            layout = layout_of({"label": name})
+            queue = [fallbacks[q] if q in fallbacks and layout_of({"label": q}) == layout else q for q in queue]
             queue.insert(0, fallbacks[name])
 
 

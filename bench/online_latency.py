@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         used = [servers] + [int(k) for k in args.subsets.split(",") if k and int(k) < servers]
         for count in used:
             layout = args.layout if count == servers else f"{count}x{tp}"
-            for streams in [int(c) for c in args.concurrency.split(",")]:
+            for streams in levels:
                 result = asyncio.run(load(urls[:count], images, streams, args.duration_s, args.max_tokens))
                 emit({"label": args.label.replace(args.layout, layout), "layout": layout,
                       "engine": f"vLLM OpenAI server, layout {layout}"

@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from bench.online_latency import parse_layout
 from bench.render_performance import busy_share, write_between_markers
 
 BEGIN, END = "<!-- layouts:begin -->", "<!-- layouts:end -->"
@@ -27,16 +28,14 @@ def layout_of(run: dict) -> str | None:
 
 
 def gpus_of(layout: str) -> int:
-    if layout.startswith("tp"):
-        return int(layout[2:])
-    servers, tp = layout.split("x")
-    return int(servers) * int(tp)
+    servers, tp = parse_layout(layout)
+    return servers * tp
 
 
 def describe(layout: str) -> str:
     if layout.startswith("tp"):
-        return f"one engine, TP={layout[2:]}"
-    servers, tp = layout.split("x")
+        return f"one engine, TP={parse_layout(layout)[1]}"
+    servers, tp = parse_layout(layout)
     return f"{servers} x TP={tp} replicas"
 
 
