@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import statistics
 import threading
 import time
@@ -76,10 +77,24 @@ def write_w1_parquet(path: Path, count: int, start: int = 0, workers: int = 8) -
     return path
 
 
+def visible_nvml_indices(count: int, visible: str | None) -> list[int]:
+    """NVML indices of the GPUs this process may use. NVML sees every GPU of the machine, whatever
+    CUDA_VISIBLE_DEVICES says; the benchmark's lanes set it with CUDA_DEVICE_ORDER=PCI_BUS_ID, under
+    which CUDA's index i is NVML's index i. UUIDs or an unset variable: every GPU."""
+    if visible is None or not visible.strip():
+        return list(range(count))
+    try:
+        indices = [int(part) for part in visible.split(",") if part.strip()]
+    except ValueError:
+        return list(range(count))
+    return [i for i in indices if 0 <= i < count]
+
+
 @dataclass
 class GpuSampler:
-    """Samples SM utilisation of every visible GPU every `period_s` in a thread (NVML), between start()
-    and stop(). The series is the mean over the GPUs, so one busy GPU of four reads 25%."""
+    """Samples SM utilisation of every GPU this process may use (CUDA_VISIBLE_DEVICES) every `period_s`
+    in a thread (NVML), between start() and stop(). The series is the mean over those GPUs, so one busy
+    GPU of four reads 25%."""
 
     period_s: float = 0.2
     samples: list[tuple[float, list[int]]] = field(default_factory=list)
@@ -93,7 +108,8 @@ class GpuSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            indices = visible_nvml_indices(pynvml.nvmlDeviceGetCount(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
         except Exception:  # no NVML (CPU machine): the benchmark still runs, without utilisation
             return self
 

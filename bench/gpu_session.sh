@@ -3,9 +3,10 @@
 #   bench/gpu_session.sh part FILE...    copy wheel parts (and MANIFEST, unpack.sh) into /tmp/gpu-parts
 #   bench/gpu_session.sh start [ARGS]    unpack wheels, install this package, start the orchestrator detached
 #   bench/gpu_session.sh poll SECONDS    wait (keeping the lease busy), then copy results and logs to $OUT
+#   bench/gpu_session.sh queue LANE RUN[,RUN...]   add runs to a lane's queue while the orchestrator works
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-BENCH=/tmp/bench
+BENCH=${BENCH:-/tmp/bench}
 export PYTHONPATH=/tmp/site:$ROOT PATH=/tmp/site/bin:$PATH
 # Nothing outside the machine can be reached: no hub, no usage reporting.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
@@ -53,5 +54,11 @@ case "${1:-}" in
       | tar --null -czf "${OUT:-/tmp}/bench-logs.tar.gz" -T - 2>/dev/null)
     ls -la "${OUT:-/tmp}/"
     tail -25 $BENCH/orchestrator.log ;;
-  *) echo "usage: $0 part FILE | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
+  queue)
+    # Appended under the orchestrator's nose: a lane reads its queue file before each run (RunQueue).
+    # Names are checked here first, so a typo fails now and not when the lane reaches it.
+    cd "$ROOT" && ${PYTHON:-python3} -c "import sys; from bench.gpu_throughput import parse_lanes; parse_lanes(sys.argv[1])" "$3" || exit 1
+    echo "$3" | tr ',' '\n' | flock $BENCH/lane-$2.queue -c "cat >> $BENCH/lane-$2.queue"
+    echo "lane $2 queue:"; cat $BENCH/lane-$2.queue ;;
+  *) echo "usage: $0 part FILE | start [ARGS] | poll SECONDS | queue LANE RUN[,RUN...]" >&2; exit 2 ;;
 esac

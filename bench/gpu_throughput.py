@@ -2,6 +2,12 @@
 
     python -m bench.gpu_throughput --workdir /tmp/bench --results OUT/results.json \
         [--runs plain-fp8,pipeline-fp8,...] [--shape 12b|tiny]
+    python -m bench.gpu_throughput ... --runs "pipeline-fp8,pipeline-bf16|pipeline-fp8+kv-fp8+seqs512|..."
+
+A run is a named configuration (RUNS) plus any knobs (KNOBS) joined with "+". On a machine of several
+GPUs, "|" splits the runs into lanes, one GPU each, that run side by side: one lease then measures
+several single-GPU configurations at a time. Each lane reads its queue from a file, so runs can be
+added while the orchestrator works (`bench/gpu_session.sh queue LANE RUN,...`).
 
 It builds the random-weight checkpoints itself (exact Gemma-3-12b-it shapes, bf16, and FP8-dynamic from
 it), measures the card's matmul and memory ceilings, times the front-end's per-image work, then runs
@@ -16,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,20 +53,6 @@ RUNS = {
     # Ablations: where does the gain come from?
     "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
     "plain-fp8-fast-images": ("plain", "fp8", ["--fast-images"]),
-    # Next steps of docs/performance.md, one engine argument each (numerics change with an fp8 KV cache, so
-    # it stays opt-in until checked on the real weights).
-    "pipeline-fp8-kv-fp8": ("pipeline", "fp8", ["--set", "engine.extra_engine_kwargs={kv_cache_dtype: fp8}"]),
-    "pipeline-fp8-kv-fp8-seqs512": ("pipeline", "fp8", ["--set", "engine.extra_engine_kwargs={kv_cache_dtype: fp8}",
-                                                        "--set", "engine.max_num_seqs=512",
-                                                        "--set", "batch.max_concurrent_batches=12"]),
-    # Two replicas on the one GPU (engine.gpu_share 0.5): one fills the gaps the other's engine loop leaves
-    # (GPU busy 77% with one). fp8 KV and a fixed 16 GiB cache each, so both fit with 192 sequences apiece.
-    "pipeline-fp8-kv-fp8-2per-gpu": ("pipeline", "fp8", [
-        "--set", "batch.engine_replicas=2", "--set", "engine.gpu_share=0.5",
-        "--set", "engine.gpu_memory_utilization=0.45", "--set", "engine.kv_cache_memory_bytes=17179869184",
-        "--set", "engine.max_num_seqs=192", "--set", "engine.extra_engine_kwargs={kv_cache_dtype: fp8}"]),
-    "pipeline-fp8-encoder-graphs": ("pipeline", "fp8", [
-        "--set", "engine.extra_engine_kwargs={compilation_config: {compile_mm_encoder: true, cudagraph_mm_encoder: true}}"]),
     # Engine layout on one multi-GPU node (issue tp4): one TP=N engine vs N replicas of TP=1, the same
     # CPUs for both (48 for Ray, up to 12 preparation replicas) so only the layout differs.
     "pipeline-fp8-tp4": ("pipeline", "fp8", [*_tp(4), *NODE_CPUS]),
@@ -78,7 +71,48 @@ RUNS = {
     # The same driver on one GPU or a CPU machine (smoke test of the online runner).
     "online-fp8-1x1": ("online", "fp8", ["--layout", "1x1"]),
 }
+# Knobs a run adds with "+" (pipeline-fp8+kv-fp8+seqs512): the pipeline's config overrides and, where the
+# knob is an engine argument, the same argument for plain vLLM, so a comparison stays like for like.
+KNOBS = {
+    # Halves the bytes the decoder attention reads (25% of GPU time) and doubles the KV capacity.
+    "kv-fp8": (["engine.extra_engine_kwargs.kv_cache_dtype=fp8"], ['kv_cache_dtype="fp8"']),
+    "seqs512": (["engine.max_num_seqs=512", "batch.max_concurrent_batches=12"], ["max_num_seqs=512"]),
+    # Two replicas on the one GPU (engine.gpu_share 0.5), a fixed 16 GiB KV cache and 192 sequences each.
+    "2per-gpu": (["batch.engine_replicas=2", "engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45",
+                  "engine.kv_cache_memory_bytes=17179869184", "engine.max_num_seqs=192"], None),
+    "encoder-compile": (["engine.extra_engine_kwargs.compilation_config.compile_mm_encoder=true"],
+                        ['compilation_config={"compile_mm_encoder": true}']),
+    "encoder-graphs": (["engine.extra_engine_kwargs.compilation_config.compile_mm_encoder=true",
+                        "engine.extra_engine_kwargs.compilation_config.cudagraph_mm_encoder=true"],
+                       ['compilation_config={"compile_mm_encoder": true, "cudagraph_mm_encoder": true}']),
+    "mnbt16k": (["engine.max_num_batched_tokens=16384"], ["max_num_batched_tokens=16384"]),
+    "mnbt4k": (["engine.max_num_batched_tokens=4096"], ["max_num_batched_tokens=4096"]),
+}
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
+
+
+def split_run(name: str) -> tuple[str, list[str]]:
+    """'pipeline-fp8+kv-fp8' -> ('pipeline-fp8', ['kv-fp8']); unknown parts fail before any engine starts."""
+    base, *knobs = name.split("+")
+    if base not in RUNS:
+        raise ValueError(f"unknown run {base!r} (known: {', '.join(RUNS)})")
+    for knob in knobs:
+        if knob not in KNOBS:
+            raise ValueError(f"unknown knob {knob!r} in {name!r} (known: {', '.join(KNOBS)})")
+        if RUNS[base][0] == "plain" and KNOBS[knob][1] is None:
+            raise ValueError(f"knob {knob!r} has no plain vLLM equivalent ({name!r})")
+        if RUNS[base][0] == "online":
+            raise ValueError(f"knobs apply to batch and plain runs, not online ones ({name!r})")
+    return base, knobs
+
+
+def parse_lanes(runs: str) -> list[list[str]]:
+    """'a,b|c' -> [['a', 'b'], ['c']]: one lane per GPU, every run checked up front."""
+    lanes = [[r for r in lane.split(",") if r] for lane in runs.split("|")]
+    for lane in lanes:
+        for name in lane:
+            split_run(name)
+    return lanes
 # A failed run is followed at once by its fallback, if it has one (a lease has no time for a second try
 # later), and the later runs of the same layout go straight to theirs.
 FALLBACKS = {f"{kind}-fp8-tp{n}": f"{kind}-fp8-tp{n}-nccl" for kind in ("pipeline", "online") for n in (2, 4)}
@@ -139,8 +173,13 @@ def build_checkpoints(workdir: Path, shape: str, device: str) -> dict[str, Path]
 
 def run_command(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[str]:
     """The `python` arguments of one named run."""
-    kind, precision, extra = RUNS[name]
+    base, knobs = split_run(name)
+    kind, precision, extra = RUNS[base]
     extra = [item.replace("{workdir}", str(args.workdir)) for item in extra]  # not format(): overrides hold braces
+    for knob in knobs:
+        pipeline_sets, plain_args = KNOBS[knob]
+        extra += [a for item in plain_args for a in ("--engine-arg", item)] if kind == "plain" else \
+            [a for item in pipeline_sets for a in ("--set", item)]
     if kind == "plain":
         command = ["-m", "bench.plain_vllm", str(checkpoints[precision]), str(data["plain"]), "--label", name,
                    "--n", str(args.plain_n), "--text-n", str(args.text_n)] + extra
@@ -164,11 +203,11 @@ def run_command(name: str, checkpoints: dict[str, Path], data: dict[str, Path], 
     return command
 
 
-def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args) -> list[dict]:
+def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args, env: dict | None = None) -> list[dict]:
     command = run_command(name, checkpoints, data, args)
     log(f"run {name}: python {' '.join(command)}")
     started = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         process = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env,
                                  timeout=args.run_timeout_s)
@@ -184,19 +223,96 @@ def run_one(name: str, checkpoints: dict[str, Path], data: dict[str, Path], args
     return results
 
 
-def run_in_order(names: list[str], run, record, fallbacks: dict[str, str] = FALLBACKS) -> None:
+class RunQueue:
+    """The runs a lane has still to do, in order. File-backed (one name per line) when given a path, so
+    that `bench/gpu_session.sh queue` can add runs while the orchestrator works; in memory otherwise.
+    Both sides hold an exclusive flock on the file while they change it, so no added run is lost."""
+
+    def __init__(self, names: list[str], path: Path | None = None):
+        self.path, self._names = path, list(names)
+        if path is not None:
+            path.write_text("".join(f"{n}\n" for n in names))
+
+    def _change(self, change) -> object:
+        """names -> (new names, value): applied under the lock; returns value."""
+        if self.path is None:
+            self._names, value = change(self._names)
+            return value
+        import fcntl
+
+        with open(self.path, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            names, value = change(f.read().split())
+            f.seek(0)
+            f.truncate()
+            f.write("".join(f"{n}\n" for n in names))
+            return value  # the lock goes with the file's closing
+
+    def pop(self) -> str | None:
+        return self._change(lambda names: (names[1:], names[0] if names else None))
+
+    def edit(self, change) -> None:
+        """Replace the waiting names by `change(names)`."""
+        self._change(lambda names: (change(names), None))
+
+
+def run_in_order(queue: "RunQueue | list[str]", run, record, fallbacks: dict[str, str] = FALLBACKS,
+                 linger_s: float = 0, poll_s: float = 5) -> None:
     """Run each configuration in turn, recording its results at once. A failed one is followed
     immediately by its fallback, if it has one, and the queued runs of the same layout (pipeline and
-    online at TP=4, say) are swapped for their fallbacks: they would fail the same way."""
-    queue = list(names)
-    while queue:
-        name = queue.pop(0)
+    online at TP=4, say) are swapped for their fallbacks: they would fail the same way. With `linger_s`,
+    an empty queue is watched that long for runs added from outside before the lane ends."""
+    queue = queue if isinstance(queue, RunQueue) else RunQueue(queue)
+    idle_since = time.monotonic()
+    while True:
+        name = queue.pop()
+        if name is None:
+            if time.monotonic() - idle_since >= linger_s:
+                return
+            time.sleep(poll_s)
+            continue
         results = run(name)
         record(name, results)
+        idle_since = time.monotonic()
         if any(r.get("failed") for r in results) and name in fallbacks:
             layout = layout_of({"label": name})
-            queue = [fallbacks[q] if q in fallbacks and layout_of({"label": q}) == layout else q for q in queue]
-            queue.insert(0, fallbacks[name])
+            queue.edit(lambda names: [fallbacks[name]] + [
+                fallbacks[q] if q in fallbacks and layout_of({"label": q}) == layout else q for q in names])
+
+
+def lane_env(lane: int, lanes: int, workdir: Path) -> dict[str, str]:
+    """Environment of a lane's runs: its own GPU, and its own vLLM cache, so that two engines compiling at
+    once never write the same cache directory. One lane keeps the machine's environment as it is."""
+    if lanes == 1:
+        return {}
+    # PCI order: CUDA's index i is then NVML's index i, which the utilisation sampler reads.
+    return {"CUDA_VISIBLE_DEVICES": str(lane), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "VLLM_CACHE_ROOT": str(workdir / f"lane-{lane}" / "vllm-cache")}
+
+
+def run_lanes(lanes: list[list[str]], run, record, workdir: Path, linger_s: float = 0, poll_s: float = 5) -> None:
+    """Each lane's runs in order on its own GPU, the lanes side by side (threads: the work is in the
+    runs' processes). `run(name, env)` runs one; `record` is called under a lock."""
+    lock = threading.Lock()
+
+    def locked_record(name, results, lane):
+        for r in results:
+            r.setdefault("lane", lane)
+        with lock:
+            record(name, results)
+
+    def lane_main(lane: int, names: list[str]) -> None:
+        env = lane_env(lane, len(lanes), workdir)
+        queue = RunQueue(names, workdir / f"lane-{lane}.queue")
+        run_in_order(queue, lambda name: run(name, env), lambda name, results: locked_record(name, results, lane),
+                     linger_s=linger_s, poll_s=poll_s)
+
+    threads = [threading.Thread(target=lane_main, args=(i, names), name=f"lane-{i}") for i, names in enumerate(lanes)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0 if len(lanes) == 1 else 2)  # staggered: the engines' start-ups do not all read weights at once
+    for thread in threads:
+        thread.join()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-n", type=int, default=512)
     parser.add_argument("--pipeline-n", type=int, default=1024)
     parser.add_argument("--run-timeout-s", type=int, default=600)
+    parser.add_argument("--linger-s", type=float, default=0,
+                        help="how long an idle lane waits for runs added to its queue file before it ends")
     parser.add_argument("--prepare-only", action="store_true",
                         help="(internal) ceilings, checkpoints and data, in a child process")
     args = parser.parse_args(argv)
@@ -248,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         state["runs"] = [r for r in state["runs"] if r.get("label") != name] + results
         save()
 
-    run_in_order([r for r in args.runs.split(",") if r], lambda name: run_one(name, checkpoints, data, args), record)
+    run_lanes(parse_lanes(args.runs), lambda name, env: run_one(name, checkpoints, data, args, env), record,
+              workdir, linger_s=args.linger_s)
     log("summary:")
     for r in state["runs"]:
         log(f"  {r.get('label'):28s} {r.get('workload', '-'):5s} "

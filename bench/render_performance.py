@@ -41,33 +41,63 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['requests_per_s'] / b['requests_per_s']:.2f}x"
 
 
+def _counterpart(label: str, swap: tuple[str, str]) -> str:
+    """The same run with its base's kind or precision swapped: pipeline-fp8+kv-fp8 -> pipeline-bf16+kv-fp8."""
+    base, *knobs = label.split("+")
+    return "+".join([base.replace(*swap), *knobs])
+
+
+def _plain_counterpart(label: str) -> str:
+    """Plain vLLM with the engine arguments of a pipeline run's knobs (those plain vLLM has)."""
+    from bench.gpu_throughput import KNOBS
+
+    base, *knobs = label.split("+")
+    return "+".join([base.replace("pipeline-", "plain-"), *(k for k in knobs if KNOBS.get(k, (0, None))[1] is not None)])
+
+
+def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
+    """Every ratio the run allows, each between two runs of this one results file: pipeline vs plain vLLM
+    (with the same engine arguments), FP8 vs BF16 (same settings), and each knob vs the default."""
+    w1 = {r["label"]: r for r in runs if r.get("workload") == "W1"}
+    text = {r["label"]: r for r in runs if r.get("workload") == "text"}
+    ratios = []
+    for label in sorted(w1):
+        if label.startswith("pipeline-fp8") and (plain := _plain_counterpart(label)) in w1:
+            ratios.append((f"{label} / {plain} (pipeline / plain vLLM), W1", _ratio(w1[label], w1[plain])))
+    for label in sorted(w1):
+        if "-fp8" in label.split("+")[0] and (bf16 := _counterpart(label, ("-fp8", "-bf16"))) in w1:
+            ratios.append((f"{label} / {bf16} (FP8 / BF16), W1", _ratio(w1[label], w1[bf16])))
+    if "plain-fp8" in text and "plain-bf16" in text:
+        ratios.append(("plain-fp8 / plain-bf16 (FP8 / BF16), text-only", _ratio(text["plain-fp8"], text["plain-bf16"])))
+    for label in sorted(w1):
+        base = label.split("+")[0]
+        if "+" in label and base in w1:
+            ratios.append((f"{label} / {base} (knobs vs default), W1", _ratio(w1[label], w1[base])))
+    return ratios
+
+
 def render(results: dict, chart: Path) -> str:
     runs = [r for r in results["runs"] if not r.get("failed")]
     ceilings = results.get("ceilings", {})
     card = ceilings.get("card") or (runs[0]["card"] if runs else "unknown card")
     vllm = runs[0].get("vllm", "?") if runs else "?"
-    rows = ["| configuration | workload | requests/s | generated tokens/s | GPU busy (NVML, while running) | engine start-up |",
-            "|---|---|---|---|---|---|"]
+    lanes = any("lane" in run for run in runs)
+    rows = ["| configuration | workload | requests/s | generated tokens/s | GPU busy (NVML, while running) | engine start-up |"
+            + (" GPU |" if lanes else ""), "|---|---|---|---|---|---|" + ("---|" if lanes else "")]
     for run in runs:
         if run.get("workload") not in ("W1", "text"):
             continue
         startup = run.get("startup_s") or run.get("first_output_after_s")
         rows.append(f"| {run['label']} ({run['engine']}) | {run['workload']} | {run['requests_per_s']:.1f} | "
                     f"{run.get('generated_tokens_per_s', 0):.0f} | {busy_share(run)} | "
-                    f"{'-' if not startup else f'{startup:.0f} s'} |")
+                    f"{'-' if not startup else f'{startup:.0f} s'} |" + (f" {run.get('lane', 0)} |" if lanes else ""))
     missing = [r["label"] for r in results["runs"] if r.get("failed")]
     prompt_tokens = next((r["prompt_tokens_mean"] for r in runs if r.get("workload") == "W1"
                           and r.get("prompt_tokens_mean")), 329)
     work = Workload(prompt_tokens=int(prompt_tokens))
     floors = {p: floor(work, ceilings.get("bf16_matmul_tflops", 792), ceilings.get("fp8_matmul_tflops", 1432),
                        ceilings.get("copy_bandwidth_tb_s", 3.0), p == "fp8") for p in ("fp8", "bf16")}
-    ratios = [
-        ("pipeline / plain vLLM, FP8, W1", _ratio(_find(runs, "pipeline-fp8", "W1"), _find(runs, "plain-fp8", "W1"))),
-        ("pipeline / plain vLLM, BF16, W1", _ratio(_find(runs, "pipeline-bf16", "W1"), _find(runs, "plain-bf16", "W1"))),
-        ("FP8 / BF16, pipeline, W1", _ratio(_find(runs, "pipeline-fp8", "W1"), _find(runs, "pipeline-bf16", "W1"))),
-        ("FP8 / BF16, plain vLLM, W1", _ratio(_find(runs, "plain-fp8", "W1"), _find(runs, "plain-bf16", "W1"))),
-        ("FP8 / BF16, plain vLLM, text-only", _ratio(_find(runs, "plain-fp8", "text"), _find(runs, "plain-bf16", "text"))),
-    ]
+    ratios = measured_ratios(runs)
     _chart(runs, floors, card, chart)
     lines = [
         BEGIN,

@@ -1,6 +1,7 @@
-"""The layout benchmark: its table in docs/performance.md is computed from the results file (ratios
-included), a failed TP run is followed by its fallback in the same lease, and the online servers get the
-batch job's engine arguments through vLLM's own command line."""
+"""The GPU benchmark's orchestration, checked without a GPU: the layout table in docs/performance.md is
+computed from the results file (ratios included), a failed TP run is followed by its fallback in the same
+lease, the online servers get the batch job's engine arguments through vLLM's own command line, knobs
+compose into runs, and lanes run side by side on their own GPUs with queues that grow while they work."""
 from bench.render_layouts import BEGIN, END, layout_of, main, render
 
 RESULTS = {
@@ -127,13 +128,17 @@ def test_every_named_run_builds_a_command_whose_overrides_the_config_accepts():
     from pathlib import Path
 
     from bench.common import bench_overrides
-    from bench.gpu_throughput import RUNS, run_command
+    from bench.gpu_throughput import KNOBS, RUNS, run_command
     from pipeline.config import PipelineConfig
 
     args = Namespace(workdir="/tmp/bench", plain_n=8, text_n=8, device="cuda")
     checkpoints = {"fp8": Path("/tmp/bench/fp8"), "bf16": Path("/tmp/bench/bf16")}
     data = {"plain": Path("/tmp/bench/plain.parquet"), "pipeline": Path("/tmp/bench/w1.parquet")}
-    for name, (kind, _, _) in RUNS.items():
+    # Every named run, and every knob on the batch and (where it has an equivalent) the plain run.
+    names = list(RUNS) + [f"pipeline-fp8+{knob}" for knob in KNOBS] + \
+        [f"plain-fp8+{knob}" for knob, (_, plain) in KNOBS.items() if plain is not None]
+    for name in names:
+        kind = RUNS[name.split("+")[0]][0]
         command = run_command(name, checkpoints, data, args)
         assert command[1] == f"bench.{'plain_vllm' if kind == 'plain' else 'online_latency' if kind == 'online' else 'pipeline_run'}"
         assert not any("{workdir}" in item for item in command), name
@@ -142,3 +147,133 @@ def test_every_named_run_builds_a_command_whose_overrides_the_config_accepts():
             PipelineConfig.load(overrides=bench_overrides("/tmp/bench/fp8", overrides), environ={})
     assert "--profile-dir" in run_command("plain-fp8", checkpoints, data, args)
     assert "/tmp/bench/profile-plain-fp8" in run_command("plain-fp8", checkpoints, data, args)
+
+
+def _args():
+    from argparse import Namespace
+
+    return Namespace(workdir="/tmp/bench", plain_n=8, text_n=8, device="cuda")
+
+
+def _paths():
+    from pathlib import Path
+
+    return ({"fp8": Path("/tmp/bench/fp8"), "bf16": Path("/tmp/bench/bf16")},
+            {"plain": Path("/tmp/bench/plain.parquet"), "pipeline": Path("/tmp/bench/w1.parquet")})
+
+
+def test_knobs_compose_into_one_engine_configuration():
+    """Knobs set nested engine arguments side by side (compilation flags and the KV dtype), not one
+    replacing the other; plain vLLM gets the same engine arguments."""
+    import json
+
+    from bench.common import bench_overrides
+    from bench.gpu_throughput import run_command
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import engine_kwargs
+
+    checkpoints, data = _paths()
+    command = run_command("pipeline-fp8+kv-fp8+encoder-graphs+seqs512", checkpoints, data, _args())
+    overrides = [command[i + 1] for i, item in enumerate(command) if item == "--set"]
+    config = PipelineConfig.load(overrides=bench_overrides("/tmp/bench/fp8", overrides), environ={})
+    kwargs = engine_kwargs(config.with_absolute_paths())
+    assert kwargs["kv_cache_dtype"] == "fp8" and kwargs["max_num_seqs"] == 512
+    assert kwargs["compilation_config"]["compile_mm_encoder"] is True
+    assert kwargs["compilation_config"]["cudagraph_mm_encoder"] is True
+    assert config.batch.max_concurrent_batches == 12
+
+    plain = run_command("plain-fp8+kv-fp8+seqs512", checkpoints, data, _args())
+    engine_args = dict(plain[i + 1].split("=", 1) for i, item in enumerate(plain) if item == "--engine-arg")
+    assert {k: json.loads(v) for k, v in engine_args.items()} == {"kv_cache_dtype": "fp8", "max_num_seqs": 512}
+
+
+def test_unknown_or_inapplicable_knobs_fail_before_any_engine_starts():
+    import pytest
+
+    from bench.gpu_throughput import parse_lanes
+
+    assert parse_lanes("pipeline-fp8,plain-fp8|pipeline-fp8+kv-fp8") == [["pipeline-fp8", "plain-fp8"],
+                                                                         ["pipeline-fp8+kv-fp8"]]
+    with pytest.raises(ValueError, match="unknown knob 'kv-fp9'"):
+        parse_lanes("pipeline-fp8|pipeline-fp8+kv-fp9")
+    with pytest.raises(ValueError, match="no plain vLLM equivalent"):
+        parse_lanes("plain-fp8+2per-gpu")
+    with pytest.raises(ValueError, match="unknown run 'pipeline-fp4'"):
+        parse_lanes("pipeline-fp4")
+
+
+def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path):
+    """Lane 0's first run waits for lane 1's to have started: sequential lanes would time out here."""
+    import threading
+
+    from bench.gpu_throughput import run_lanes
+
+    lane1_started, seen, recorded = threading.Event(), [], []
+
+    # Stands in for run_one (a 12B engine on a GPU; none here): which run gets which environment, and
+    # whether the lanes overlap, is what is tested.
+    def run(name, env):
+        seen.append((name, env.get("CUDA_VISIBLE_DEVICES"), env.get("VLLM_CACHE_ROOT")))
+        if name == "pipeline-fp8+kv-fp8":
+            lane1_started.set()
+        if name == "pipeline-fp8":
+            assert lane1_started.wait(timeout=30), "lane 1 did not start while lane 0 was running"
+        return [{"label": name, "requests_per_s": 1.0}]
+
+    run_lanes([["pipeline-fp8", "pipeline-bf16"], ["pipeline-fp8+kv-fp8"]], run,
+              lambda name, results: recorded.extend(results), tmp_path)
+    gpus = {name: gpu for name, gpu, _ in seen}
+    assert gpus == {"pipeline-fp8": "0", "pipeline-bf16": "0", "pipeline-fp8+kv-fp8": "1"}
+    assert {cache for _, _, cache in seen} == {str(tmp_path / "lane-0" / "vllm-cache"),
+                                               str(tmp_path / "lane-1" / "vllm-cache")}
+    assert sorted((r["label"], r["lane"]) for r in recorded) == [
+        ("pipeline-bf16", 0), ("pipeline-fp8", 0), ("pipeline-fp8+kv-fp8", 1)]
+
+
+def test_one_lane_keeps_the_machines_gpus():
+    from pathlib import Path
+
+    from bench.gpu_throughput import lane_env
+
+    assert lane_env(0, 1, Path("/tmp/bench")) == {}
+
+
+def test_runs_queued_from_the_shell_while_a_lane_works_are_run(tmp_path):
+    """`bench/gpu_session.sh queue` appends to the lane's queue file while its first run is going; the
+    lane, lingering, picks the new run up. A misspelled run is refused by the script, not queued."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.gpu_throughput import run_lanes
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BENCH": str(tmp_path), "PYTHON": sys.executable}
+
+    def queue(lane, runs):
+        return subprocess.run(["bash", str(root / "bench" / "gpu_session.sh"), "queue", str(lane), runs],
+                              env=env, capture_output=True, text=True)
+
+    ran = []
+
+    def run(name, env_):
+        ran.append(name)
+        if name == "pipeline-fp8":
+            assert queue(0, "pipeline-fp8+kv-fp9").returncode != 0
+            added = queue(0, "pipeline-fp8+kv-fp8,pipeline-bf16")
+            assert added.returncode == 0, added.stderr
+        return [{"label": name}]
+
+    run_lanes([["pipeline-fp8"]], run, lambda name, results: None, tmp_path, linger_s=1, poll_s=0.1)
+    assert ran == ["pipeline-fp8", "pipeline-fp8+kv-fp8", "pipeline-bf16"]
+    assert (tmp_path / "lane-0.queue").read_text() == ""
+
+
+def test_the_sampler_watches_only_the_gpus_a_lane_may_use():
+    from bench.common import visible_nvml_indices
+
+    assert visible_nvml_indices(4, "2") == [2]
+    assert visible_nvml_indices(4, "0,3") == [0, 3]
+    assert visible_nvml_indices(4, None) == [0, 1, 2, 3]
+    assert visible_nvml_indices(4, "GPU-8f1c") == [0, 1, 2, 3]  # UUIDs: not mapped, every GPU
