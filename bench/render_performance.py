@@ -2,8 +2,9 @@
 
     python -m bench.render_performance docs/bench-results/h100-2026-11-26.json
 
-Only the part between the `results:begin` / `results:end` markers of docs/performance.md is
-rewritten; the analysis around it is written by hand.
+Each results file has its own block in docs/performance.md, between the `results:<file stem>:begin` /
+`:end` markers (one run per card, each kept); only that block is rewritten, and the analysis around the
+blocks is written by hand.
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from pathlib import Path
 
 from bench.floor import Workload, floor
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def markers(key: str) -> tuple[str, str]:
+    """The begin/end markers of one results file's block (key: the file's stem)."""
+    return f"<!-- results:{key}:begin -->", f"<!-- results:{key}:end -->"
 
 
 def busy_share(run: dict, busy_from: float = 50) -> str:
@@ -47,12 +52,14 @@ def _counterpart(label: str, swap: tuple[str, str]) -> str:
     return "+".join([base.replace(*swap), *knobs])
 
 
-def _plain_counterpart(label: str) -> str:
-    """Plain vLLM with the engine arguments of a pipeline run's knobs (those plain vLLM has)."""
-    from bench.gpu_throughput import KNOBS
-
+def _plain_counterpart(label: str, measured) -> str | None:
+    """The measured plain vLLM run closest to a pipeline run: same precision, and of the engine-argument
+    knobs the pipeline run has, the most (plain vLLM has no batch-side knobs). The ratio's name shows
+    both labels, so a partial match is in plain sight."""
     base, *knobs = label.split("+")
-    return "+".join([base.replace("pipeline-", "plain-"), *(k for k in knobs if KNOBS.get(k, (0, None))[1] is not None)])
+    plain_base = base.replace("pipeline-", "plain-")
+    candidates = [m for m in measured if m.split("+")[0] == plain_base and set(m.split("+")[1:]) <= set(knobs)]
+    return max(candidates, key=lambda m: len(m.split("+")), default=None)
 
 
 def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
@@ -62,7 +69,7 @@ def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
     text = {r["label"]: r for r in runs if r.get("workload") == "text"}
     ratios = []
     for label in sorted(w1):
-        if label.startswith("pipeline-fp8") and (plain := _plain_counterpart(label)) in w1:
+        if label.startswith("pipeline-") and (plain := _plain_counterpart(label, w1)) is not None:
             ratios.append((f"{label} / {plain} (pipeline / plain vLLM), W1", _ratio(w1[label], w1[plain])))
     for label in sorted(w1):
         if "-fp8" in label.split("+")[0] and (bf16 := _counterpart(label, ("-fp8", "-bf16"))) in w1:
@@ -76,7 +83,7 @@ def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
     return ratios
 
 
-def render(results: dict, chart: Path) -> str:
+def render(results: dict, chart: Path, key: str) -> str:
     runs = [r for r in results["runs"] if not r.get("failed")]
     ceilings = results.get("ceilings", {})
     card = ceilings.get("card") or (runs[0]["card"] if runs else "unknown card")
@@ -99,8 +106,9 @@ def render(results: dict, chart: Path) -> str:
                        ceilings.get("copy_bandwidth_tb_s", 3.0), p == "fp8") for p in ("fp8", "bf16")}
     ratios = measured_ratios(runs)
     _chart(runs, floors, card, chart)
+    begin, end = markers(key)
     lines = [
-        BEGIN,
+        begin,
         f"**Card:** {card} · **vLLM** {vllm} · **ceilings measured in the same run:** bf16 matmul "
         f"{ceilings.get('bf16_matmul_tflops')} TFLOP/s, fp8 matmul {ceilings.get('fp8_matmul_tflops')} TFLOP/s, "
         f"device copy {ceilings.get('copy_bandwidth_tb_s')} TB/s.",
@@ -122,14 +130,14 @@ def render(results: dict, chart: Path) -> str:
         "",
         f"![W1 throughput]({chart.name})",
         "",
-        (f"Not measured in this run (the lease ended first): {', '.join(missing)}." if missing else ""),
+        (f"Did not finish in this run (the text below says why): {', '.join(missing)}." if missing else ""),
         "",
         f"Front-end image processor on this host, per 896 px image (`bench/frontend_cost.py`): stock "
         f"{results.get('frontend_cost', {}).get('stock_image_processor_ms', float('nan')):.2f} ms "
         f"({results.get('frontend_cost', {}).get('image_processor_class', '?')}), uint8 variant "
         f"{results.get('frontend_cost', {}).get('uint8_image_processor_ms', float('nan')):.2f} ms, stock processor "
         f"with the text {results.get('frontend_cost', {}).get('stock_processor_with_text_ms', float('nan')):.2f} ms.",
-        END,
+        end,
     ]
     return "\n".join(lines)
 
@@ -175,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", default="docs/performance.md")
     args = parser.parse_args(argv)
     doc = Path(args.doc)
-    chart = doc.parent / (Path(args.results).stem + "-w1.png")
-    write_between_markers(doc, BEGIN, END, render(json.loads(Path(args.results).read_text()), chart))
+    key = Path(args.results).stem
+    chart = doc.parent / (key + "-w1.png")
+    write_between_markers(doc, *markers(key), render(json.loads(Path(args.results).read_text()), chart, key))
     print(f"wrote {doc} and {chart}")
 
 
