@@ -86,6 +86,8 @@ KNOBS = {
                         "engine.extra_engine_kwargs.compilation_config.cudagraph_mm_encoder=true"],
                        ['compilation_config={"compile_mm_encoder": true, "cudagraph_mm_encoder": true}']),
     "mnbt16k": (["engine.max_num_batched_tokens=16384"], ["max_num_batched_tokens=16384"]),
+    # vLLM as it is, without our one patch (pipeline/vllm_patches.py): its A/B on a GPU.
+    "no-range-cache": (["runtime.env_vars.PIPELINE_VLLM_RANGE_CACHE='0'"], None),
     "mnbt4k": (["engine.max_num_batched_tokens=4096"], ["max_num_batched_tokens=4096"]),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
