@@ -80,6 +80,11 @@ class LocalRayHead:
         env.pop("RAY_AUTH_TOKEN", None)
         # Jobs run `python ...` from the head's PATH: this interpreter's environment comes first.
         env["PATH"] = f"{Path(self.ray_binary).parent}{os.pathsep}{env.get('PATH', '')}"
+        # On SIGTERM, Ray 2.60's `ray start` first drains the node, for up to 30 s (for Serve proxies on
+        # Kubernetes). After the ops test's caption jobs the node never reported idle, so stop() waited the
+        # whole 30 s and then SIGKILLed it. Nothing here needs draining: 0 gives the immediate, orderly
+        # teardown.
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
