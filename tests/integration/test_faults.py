@@ -1,11 +1,11 @@
 """Faults and resume, end to end: `python -m jobs.caption` as its own process, the tiny Gemma 3 on the real
-vLLM CPU engine, embedded Ray, and a real S3 server (SeaweedFS) for input and output, with one fault
+vLLM CPU engine, embedded Ray, and a real S3 server (SeaweedFS) for input and output, with faults
 injected while the job runs:
 
 - the driver is SIGKILLed (its whole process tree) at ~40% of rows written, and the same command is rerun;
-- the vLLM engine core process is SIGKILLed mid-run;
-- a record kills the engine every time it is generated (FakePoison, see pipeline/testing/fake_poison.py);
-- the S3 server is stopped mid-write and started again.
+- the vLLM engine core process is SIGKILLed mid-run, and later in the same run (one job for both: each
+  costs a couple of minutes here) the S3 server is stopped mid-write and started again;
+- a record kills the engine every time it is generated (FakePoison, see pipeline/testing/fake_poison.py).
 
 Each asserts that every input row has exactly one output row, and what the manifest says about it. Faults
 are timed on what the output holds (rows committed), never on the clock. Processes are found and stopped
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -237,18 +238,60 @@ def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path)
     assert sorted(output.table().column("row_hash").to_pylist()) == files_before
 
 
-def test_engine_core_killed_mid_run_every_row_still_written(s3, tiny_model, tmp_path):
-    records = build_records(ROWS)
-    input_uri = upload(s3, "kill-engine/input", records)
-    output = Output(s3, "s3://data/kill-engine/output")
-    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", *BUSY_ENGINE)
-    job.wait_for(lambda: output.committed_rows() >= 0.25 * ROWS, "25% of rows written")
-    engines = [p for p in job.tree() if _is_engine_core(p)]
-    assert len(engines) == 1, [(p.pid, p.name()) for p in job.tree()]
-    engines[0].kill()
-    assert job.wait() == 0, job.log()
-    assert_exactly_once(output.table(), records)
-    manifest = output.json("_manifest.json")
+def _is_engine_core(process: psutil.Process) -> bool:
+    try:
+        return "EngineCore" in process.name() or "EngineCore" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class MidRunFaults:
+    records: list[dict]
+    output: Output
+    rows_at_outage: int
+
+
+@pytest.fixture(scope="module")
+def mid_run_faults(s3, tiny_model, tmp_path_factory) -> MidRunFaults:
+    """One job that survives two faults in turn, since each job costs a couple of minutes here: its engine
+    core is SIGKILLed at ~25% of rows written; once the restarted engine writes rows again, the S3 server
+    is stopped for 8 s and started again. The output also starts with what a writer killed mid-upload
+    leaves behind: parts of an object that never completes."""
+    with pytest.MonkeyPatch.context() as patch:  # s3_credentials, for this module-scoped run
+        for key, value in s3.env().items():
+            patch.setenv(key, value)
+        records = build_records(ROWS)
+        input_uri = upload(s3, "mid-run/input", records)
+        output = Output(s3, "s3://data/mid-run/output")
+        client = s3.client()
+        orphan = client.create_multipart_upload(Bucket="data", Key="mid-run/output/killed-writer.parquet")
+        client.upload_part(Bucket="data", Key="mid-run/output/killed-writer.parquet", PartNumber=1,
+                           UploadId=orphan["UploadId"], Body=b"x" * 1024)
+        assert len(output.multipart_uploads()) == 1
+
+        job = Job(s3, tiny_model, input_uri, output.uri, tmp_path_factory.mktemp("mid-run") / "run.log",
+                  *BUSY_ENGINE)
+        job.wait_for(lambda: output.committed_rows() >= 0.25 * ROWS, "25% of rows written")
+        engines = [p for p in job.tree() if _is_engine_core(p)]
+        assert len(engines) == 1, [(p.pid, p.name()) for p in job.tree()]
+        engines[0].kill()
+        # The outage comes once rows written by the restarted engine show up (so it meets writes, not the
+        # engine's restart), and before the last of them.
+        job.wait_for(lambda: any(_is_engine_core(p) and p.pid != engines[0].pid for p in job.tree()),
+                     "a restarted engine core")
+        rows_at_restart = output.committed_rows()
+        job.wait_for(lambda: output.committed_rows() > rows_at_restart, "rows written by the restarted engine")
+        rows_at_outage = output.committed_rows()
+        s3.restart(down_s=8)
+        assert job.wait() == 0, job.log()
+    return MidRunFaults(records, output, rows_at_outage)
+
+
+def test_engine_core_killed_mid_run_every_row_still_written(mid_run_faults):
+    run = mid_run_faults
+    assert_exactly_once(run.output.table(), run.records)
+    manifest = run.output.json("_manifest.json")
     assert manifest["status"] == "complete"
     (attempt,) = manifest["attempts"]
     assert attempt["engine_starts"] >= 2, "the engine actor was restarted"
@@ -256,11 +299,16 @@ def test_engine_core_killed_mid_run_every_row_still_written(s3, tiny_model, tmp_
     assert attempt["poison_rows"] == 0
 
 
-def _is_engine_core(process: psutil.Process) -> bool:
-    try:
-        return "EngineCore" in process.name() or "EngineCore" in " ".join(process.cmdline())
-    except psutil.NoSuchProcess:
-        return False
+def test_s3_server_restarted_mid_write_loses_nothing(mid_run_faults, s3):
+    run = mid_run_faults
+    assert run.rows_at_outage < ROWS, "the outage must come while rows are still being written"
+    assert_exactly_once(run.output.table(), run.records)
+    manifest = run.output.json("_manifest.json")
+    assert manifest["status"] == "complete"
+    assert manifest["attempts"][0]["aborted_multipart_uploads"] == 1
+    assert run.output.multipart_uploads() == []
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="data", Prefix="mid-run/output/")["Contents"]]
+    assert "mid-run/output/killed-writer.parquet" not in keys
 
 
 def test_poison_record_is_isolated_after_bounded_retries(s3, tiny_model, tmp_path):
@@ -285,28 +333,3 @@ def test_poison_record_is_isolated_after_bounded_retries(s3, tiny_model, tmp_pat
     (attempt,) = manifest["attempts"]
     # Two crashes (once among its batch-mates, once alone), then isolated without touching the engine.
     assert attempt["engine_starts"] == 3 and attempt["poison_rows"] == 1
-
-
-def test_s3_server_restarted_mid_write_loses_nothing(s3, tiny_model, tmp_path):
-    records = build_records(ROWS)
-    input_uri = upload(s3, "s3-restart/input", records)
-    output = Output(s3, "s3://data/s3-restart/output")
-    # What a writer killed mid-upload leaves behind: parts of an object that never completes.
-    client = s3.client()
-    orphan = client.create_multipart_upload(Bucket="data", Key="s3-restart/output/killed-writer.parquet")
-    client.upload_part(Bucket="data", Key="s3-restart/output/killed-writer.parquet", PartNumber=1,
-                       UploadId=orphan["UploadId"], Body=b"x" * 1024)
-    assert len(output.multipart_uploads()) == 1
-
-    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", *BUSY_ENGINE)
-    job.wait_for(lambda: output.committed_rows() >= 0.3 * ROWS, "30% of rows written")
-    assert output.committed_rows() < ROWS, "the outage must come while rows are still being written"
-    s3.restart(down_s=8)
-    assert job.wait() == 0, job.log()
-    assert_exactly_once(output.table(), records)
-    manifest = output.json("_manifest.json")
-    assert manifest["status"] == "complete"
-    assert manifest["attempts"][0]["aborted_multipart_uploads"] == 1
-    assert output.multipart_uploads() == []
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="s3-restart/output/")["Contents"]]
-    assert "s3-restart/output/killed-writer.parquet" not in keys
