@@ -1,8 +1,9 @@
 """The online endpoint end to end: `python -m jobs.serve` on an embedded local Ray, the real vLLM CPU
 engine with the tiny Gemma 3, and the official `openai` client.
 
-One app is started per module (deploying takes a minute or more here); every test then sends a few
-fast requests. The queue is configured tiny (2 running + 2 waiting) so that overload is reachable.
+One app serves this module and test_tools_e2e.py (deploying takes a minute or more here; see
+tests/integration/conftest.py); every test then sends a few fast requests. The queue is configured tiny
+(2 running + 2 waiting) so that overload is reachable.
 """
 import base64
 import concurrent.futures
@@ -14,13 +15,12 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import serve_endpoint
+from tests.integration.conftest import SERVE_E2E_KEYS
 
 pytestmark = pytest.mark.integration
 
 MODEL = "gemma-3-12b-it"
-KEYS = ("first-test-key", "second-test-key")
-DEPLOY_TIMEOUT_S = 600
+KEYS = SERVE_E2E_KEYS
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
@@ -40,13 +40,8 @@ def image_message(url: str, text: str = "Describe the image.") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def endpoint(tiny_model, tmp_path_factory):
-    with serve_endpoint(tiny_model, tmp_path_factory.mktemp("serve"), list(KEYS),
-                        "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
-                        "serve.target_ongoing_requests=1", "serve.max_tokens_cap=256",
-                        "serve.max_body_bytes=2000000", "serve.allowed_image_domains=[localhost]",
-                        ready_timeout_s=DEPLOY_TIMEOUT_S) as base:
-        yield base
+def endpoint(shared_endpoint):
+    return shared_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +151,7 @@ BAD_INPUTS = [
     pytest.param(dict(messages=image_message("http://localhost:1/cat.jpg")), "messages[0].content[0].image_url.url",
                  "uri_not_allowed", ["resolves to", "loopback"], id="allowed-host-on-loopback"),
     pytest.param(dict(messages=[{"role": "user", "content": "word " * 3000}]), "messages",
-                 "context_length_exceeded", ["maximum context length is 1024 tokens"], id="prompt-over-context"),
+                 "context_length_exceeded", ["maximum context length is 2048 tokens"], id="prompt-over-context"),
     pytest.param(dict(messages=[{"role": "user", "content": "hi"}], max_tokens=9000), "max_tokens",
                  "max_tokens_exceeded", ["max_tokens 9000 exceeds the cap of 256"], id="max-tokens-over-cap"),
     pytest.param(dict(messages=[{"role": "user", "content": "hi"}], model="gpt-4o"), "model", "model_not_found",
@@ -185,7 +180,7 @@ def test_prompt_over_context_on_completions(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=4)
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
-    assert "1024 tokens" in info.value.message
+    assert "2048 tokens" in info.value.message
     still_answers(client)
 
 

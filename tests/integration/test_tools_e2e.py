@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from pipeline.images import describe_image
-from tests.conftest import TINY_CPU_CONFIG, run_job, serve_endpoint
+from tests.conftest import TINY_CPU_CONFIG, run_job
+from tests.integration.conftest import TOOLS_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -135,18 +136,15 @@ def test_batch_invalid_calls_and_tools_are_error_rows(batch_rows):
 
 # ------------------------------------------------------------------------------------------- online
 SERVED = "gemma-3-12b-it"
-API_KEY = "tools-test-key"
 
 
 @pytest.fixture(scope="module")
-def openai_client(batch_rows, tiny_model, tmp_path_factory):
-    """Our endpoint (`python -m jobs.serve`): the same template, parser and engine settings as the batch
-    job, read from the same config; started after the batch job has finished."""
+def openai_client(shared_endpoint):
+    """Our endpoint (`python -m jobs.serve`, shared with test_serve_e2e.py: tests/integration/conftest.py):
+    the same template, parser and engine settings as the batch job, read from the same config."""
     from openai import OpenAI
 
-    work = tmp_path_factory.mktemp("tools-serve")
-    with serve_endpoint(tiny_model, work, [API_KEY], "engine.max_model_len=2048") as base:
-        yield OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{shared_endpoint}/v1", api_key=TOOLS_KEY, max_retries=0, timeout=120)
 
 
 def _job_config():
