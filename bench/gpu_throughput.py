@@ -89,6 +89,10 @@ KNOBS = {
     # vLLM as it is, without our one patch (pipeline/vllm_patches.py): its A/B on a GPU.
     "no-range-cache": (["runtime.env_vars.PIPELINE_VLLM_RANGE_CACHE='0'"], None),
     "mnbt4k": (["engine.max_num_batched_tokens=4096"], ["max_num_batched_tokens=4096"]),
+    # 768 sequences: the fp8 KV cache held 500 at 36% use on an H200.
+    "seqs768": (["engine.max_num_seqs=768", "batch.max_concurrent_batches=16"], ["max_num_seqs=768"]),
+    # Host-time samples of every vLLM process (pipeline/stack_sampler.py), read by bench.stack_report.
+    "stacks": (["runtime.env_vars.PIPELINE_STACK_SAMPLES='{workdir}/stacks'"], None),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"
 
@@ -177,11 +181,12 @@ def run_command(name: str, checkpoints: dict[str, Path], data: dict[str, Path], 
     """The `python` arguments of one named run."""
     base, knobs = split_run(name)
     kind, precision, extra = RUNS[base]
-    extra = [item.replace("{workdir}", str(args.workdir)) for item in extra]  # not format(): overrides hold braces
+    extra = list(extra)  # RUNS itself stays as it is
     for knob in knobs:
         pipeline_sets, plain_args = KNOBS[knob]
         extra += [a for item in plain_args for a in ("--engine-arg", item)] if kind == "plain" else \
             [a for item in pipeline_sets for a in ("--set", item)]
+    extra = [item.replace("{workdir}", str(args.workdir)) for item in extra]  # not format(): overrides hold braces
     if kind == "plain":
         command = ["-m", "bench.plain_vllm", str(checkpoints[precision]), str(data["plain"]), "--label", name,
                    "--n", str(args.plain_n), "--text-n", str(args.text_n)] + extra
