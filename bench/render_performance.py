@@ -99,6 +99,11 @@ def render(results: dict, chart: Path, key: str) -> str:
                     f"{run.get('generated_tokens_per_s', 0):.0f} | {busy_share(run)} | "
                     f"{'-' if not startup else f'{startup:.0f} s'} |" + (f" {run.get('lane', 0)} |" if lanes else ""))
     missing = [r["label"] for r in results["runs"] if r.get("failed")]
+    # Pipeline rates written before 2026-11-27 were a 10%-90% window, too high when the engine works in
+    # waves (bench/pipeline_run.py): the block says which rate each pipeline row is.
+    notes = sorted({r["rate_note"] for r in runs if r.get("rate_note")})
+    rate_line = ("Pipeline rates: " + "; ".join(notes) + "." if notes else
+                 "Pipeline rates: whole run, first row into the engine to the last out (`bench/pipeline_run.py`).")
     prompt_tokens = next((r["prompt_tokens_mean"] for r in runs if r.get("workload") == "W1"
                           and r.get("prompt_tokens_mean")), 329)
     work = Workload(prompt_tokens=int(prompt_tokens))
@@ -114,6 +119,8 @@ def render(results: dict, chart: Path, key: str) -> str:
         f"device copy {ceilings.get('copy_bandwidth_tb_s')} TB/s.",
         "",
         *rows,
+        "",
+        rate_line,
         "",
         "| ratio (same card, same run) | value |", "|---|---|",
         *[f"| {name} | {value} |" for name, value in ratios],
