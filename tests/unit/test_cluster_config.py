@@ -83,30 +83,36 @@ def test_production_config_asks_for_no_more_gpus_than_the_cluster_has(cluster):
     assert per_replica == 1 and fixed_or_range(config.batch.engine_replicas)[1] == cluster_gpus
 
 
-# The run the production engine settings come from; a later, better run replaces it here and in the config.
+# The runs the production engine settings come from: the benchmark's knobs against its baseline, each
+# on its own GPU of one 4 x H200 machine, rated over the engine's whole run (bench/pipeline_run.py).
 EVIDENCE = ROOT / "docs" / "bench-results" / "h200x4-2026-11-27-lanes.json"
+# A knob enters the production config only when it beats the baseline by more than repeated runs of one
+# configuration differ (27.06-27.35 images/s, ~1%, in h200x4-2026-11-27-lanes2.json) with a wide margin:
+# kv-fp8 changes numerics, and none of it is checked on the real weights here.
+MIN_GAIN = 1.10
 
 
-def test_production_config_carries_the_knobs_of_the_best_measured_run():
-    """configs/gpu-fp8.yaml is the best FP8 pipeline configuration the evidence file measured: applying
-    that run's knobs on top of the production config changes nothing, and each knob changed something
-    against the benchmark's baseline (so the check is not vacuous)."""
+def test_production_config_carries_exactly_the_knobs_that_measured_a_gain():
+    """Each knob measured on FP8 is in configs/gpu-fp8.yaml if and only if its run beat the baseline by
+    MIN_GAIN. Today none does (the best, kv-fp8+seqs512, is 1.03x), so the config must differ from each
+    knob's settings; a knob that did beat it would have to be there."""
     from bench.common import BENCH_SETTINGS
     from bench.gpu_throughput import KNOBS, split_run
     from pipeline.config import PipelineConfig
 
-    runs = [r for r in json.loads(EVIDENCE.read_text())["runs"]
-            if r.get("workload") == "W1" and r.get("label", "").split("+")[0] == "pipeline-fp8"]
-    best = max(runs, key=lambda r: r["requests_per_s"])
-    assert best["requests_per_s"] > 1.3 * next(r for r in runs if r["label"] == "pipeline-fp8")["requests_per_s"]
-    _, knobs = split_run(best["label"])
-    assert knobs, "the best run is the baseline itself"
-    knob_overrides = [o for knob in knobs for o in KNOBS[knob][0]]
+    runs = {r["label"]: r for r in json.loads(EVIDENCE.read_text())["runs"]
+            if r.get("workload") == "W1" and r["label"].split("+")[0] == "pipeline-fp8"}
+    assert all("whole run" in r["rate_note"] for r in runs.values())  # not the 10%-90% rate of before
+    baseline_rate = runs.pop("pipeline-fp8")["requests_per_s"]
+    assert len(runs) >= 3
 
     production = PipelineConfig.load(ROOT / "configs" / "gpu-fp8.yaml", environ={})
-    with_knobs = PipelineConfig.load(ROOT / "configs" / "gpu-fp8.yaml", overrides=knob_overrides, environ={})
-    assert with_knobs.engine == production.engine and with_knobs.batch == production.batch
-
     baseline = PipelineConfig.load(overrides=BENCH_SETTINGS, environ={})
-    for override in knob_overrides:
-        assert PipelineConfig.load(overrides=BENCH_SETTINGS + [override], environ={}) != baseline, override
+    for label, run in runs.items():
+        overrides = [o for knob in split_run(label)[1] for o in KNOBS[knob][0]]
+        with_knobs = PipelineConfig.load(ROOT / "configs" / "gpu-fp8.yaml", overrides=overrides, environ={})
+        carried = with_knobs.engine == production.engine and with_knobs.batch == production.batch
+        gained = run["requests_per_s"] >= MIN_GAIN * baseline_rate
+        assert carried == gained, (label, run["requests_per_s"], baseline_rate)
+        # The knob does change the benchmark's own settings, so "not carried" is not vacuous.
+        assert PipelineConfig.load(overrides=BENCH_SETTINGS + overrides, environ={}) != baseline, label
