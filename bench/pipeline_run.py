@@ -19,6 +19,7 @@ The JPEG bytes are decoded, resized and handed to the engine by the pipeline its
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from bench.common import GpuSampler, bench_overrides, card_name, emit
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.batch import build_caption_dataset, plan_input, plan_model
     from pipeline.config import PipelineConfig
     from pipeline.runtime import init_ray
+    from pipeline.vllm_patches import ENV_SWITCH
 
     overrides = bench_overrides(args.checkpoint, args.overrides)
     config = PipelineConfig.load(overrides=overrides).with_absolute_paths()
@@ -90,7 +92,12 @@ def main(argv: list[str] | None = None) -> None:
           **rates, "requests_per_s_10_90": round(steady_rate([(t, len(l)) for t, l in arrivals], rows), 2),
           "generated_tokens_per_s": round(rates["requests_per_s"] * generated / max(rows, 1), 1),
           "wall_s_including_startup": round(wall, 1), "first_output_after_s": round(first - started, 1),
-          "settings": overrides, **sampler.stop()})
+          # Each batch out: seconds since the first row entered, rows, and its rows' engine latencies
+          # (min, max): enough to rate the run again another way later.
+          "batches": [[round(t - first + rates["first_row_out_after_entering_s"], 2), len(lat),
+                       round(min(lat), 2), round(max(lat), 2)] for t, lat in arrivals if lat],
+          "settings": overrides, "range_cache": config.runtime.env_vars.get(ENV_SWITCH, os.environ.get(ENV_SWITCH, "1")) != "0",
+          **sampler.stop()})
     if rows != total:
         raise SystemExit(f"pipeline returned {rows} rows for {total} inputs")
 

@@ -5,6 +5,11 @@
 Engine settings are the seed's (max_num_seqs 256, gpu_memory_utilization 0.9, max_model_len 8192, CUDA
 graphs) with vLLM's defaults otherwise, as NOTES §7 measured. Images are handed over already decoded
 (PIL, 896 x 896): the most favourable input for plain vLLM, so the baseline is conservative.
+
+It is vLLM as shipped: our vLLM plugin, installed on the benchmark machine for the pipeline, loads in
+every vLLM process, and would apply our patch (pipeline/vllm_patches.py) here too. It is switched off
+unless PIPELINE_VLLM_RANGE_CACHE is set. (Plain runs before 2026-11-27's second lease had no patch
+to switch off; those of that lease ran with it, which made plain vLLM faster, not slower.)
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-dir", help="after the timed runs, profile 64 W1 requests with torch's profiler")
     args = parser.parse_args(argv)
 
+    import os
+
+    from pipeline.vllm_patches import ENV_SWITCH
+
+    os.environ.setdefault(ENV_SWITCH, "0")  # before vLLM starts its engine process, which inherits it
     import io
     import json
 
@@ -61,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     llm.chat([conversation(images[i], prompts[i]) for i in range(16)], params, use_tqdm=False)  # warm-up
     common = {"label": args.label, "checkpoint": args.checkpoint, "engine": "plain vLLM LLM.chat",
               "card": card_name(), "vllm": vllm.__version__, "startup_s": round(startup_s, 1),
-              "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"}}
+              "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
+              "range_cache": os.environ[ENV_SWITCH] != "0"}
 
     batch = [conversation(images[16 + i], prompts[16 + i]) for i in range(args.n)]
     sampler = GpuSampler().start()
