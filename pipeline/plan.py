@@ -3,8 +3,8 @@
 `plan_run` checks the model (config.json, scheme, weight sizes), the input (schema, row count, duplicate
 ids: the same `plan_input` the job uses) and the output prefix, then `build_plan` lays out the stages,
 their replicas and placement, and the memory each engine replica should need. No vLLM engine starts and
-no GPU is taken; the input scan runs on Ray's CPU workers (an embedded local Ray unless a cluster is
-configured).
+no GPU is taken; the input scan reads the id column in the driver for small inputs, and runs on Ray's
+CPU workers for large ones (an embedded local Ray unless a cluster is configured).
 
 Memory per GPU is an estimate from the config and the checkpoint, with the formula stated:
 - weights: the safetensors bytes split over tensor x pipeline parallel ranks;
