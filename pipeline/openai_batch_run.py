@@ -78,18 +78,55 @@ def read_lines_dataset(config: PipelineConfig, files: Sequence[str]):
         fn_kwargs={"storage": config.storage, "max_line_bytes": config.openai_batch.max_request_bytes})
 
 
-def plan_requests(config: PipelineConfig, inputs: Sequence[str]) -> RequestFilesPlan:
+# As for parquet inputs (pipeline.batch.plan_input): a few small uncompressed files are scanned in the
+# driver, where Ray Data's groupby would spend 10-20 s on scheduling; anything larger, or compressed
+# (whose size on storage says little of its lines), is read by one Ray task per file.
+DRIVER_SCAN_MAX_BYTES = 64 * 1024**2
+DRIVER_SCAN_MAX_FILES = 64
+
+
+def plan_requests(config: PipelineConfig, inputs: Sequence[str],
+                  driver_scan_max_bytes: int = DRIVER_SCAN_MAX_BYTES) -> RequestFilesPlan:
     """List the files, count the lines and find duplicate custom_ids before any engine starts."""
     files = list_request_files(config, inputs)
+    here = (len(files) <= DRIVER_SCAN_MAX_FILES and all(f.lower().endswith(".jsonl") for f in files)
+            and _total_bytes(config, files) <= driver_scan_max_bytes)
+    num_lines, duplicates = _count_ids_here(config, files) if here else _count_ids_on_ray(config, files)
+    logger.info("input %s: %d request lines in %d files, %d duplicated custom_ids (counted %s)",
+                ", ".join(inputs), num_lines, len(files), len(duplicates),
+                "in the driver" if here else "on Ray's workers")
+    return RequestFilesPlan(list(inputs), files, num_lines, duplicates)
+
+
+def _total_bytes(config: PipelineConfig, files: Sequence[str]) -> int:
+    total = 0
+    for uri in files:
+        filesystem, path = make_filesystem(config.storage, uri)
+        total += filesystem.get_file_info(path).size or 0
+    return total
+
+
+def _count_ids_here(config: PipelineConfig, files: Sequence[str]) -> tuple[int, frozenset[str]]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    limit = config.openai_batch.max_request_bytes
+    chunks = [custom_ids(block, limit).column(CUSTOM_ID)
+              for uri in files
+              for block in read_request_lines(pa.table({URI: [uri]}), storage=config.storage, max_line_bytes=limit)]
+    ids = pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=pa.string())
+    counts = pc.value_counts(pc.drop_null(ids))
+    duplicates = frozenset(v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1)
+    return len(ids), duplicates
+
+
+def _count_ids_on_ray(config: PipelineConfig, files: Sequence[str]) -> tuple[int, frozenset[str]]:
     lines = read_lines_dataset(config, files)
     ids = lines.map_batches(custom_ids, batch_format="pyarrow",
                             fn_kwargs={"max_line_bytes": config.openai_batch.max_request_bytes})
     counts = ids.groupby(CUSTOM_ID, num_partitions=max(1, min(200, len(files)))).count().take_all()
     duplicates = frozenset(r[CUSTOM_ID] for r in counts if r[CUSTOM_ID] is not None and r["count()"] > 1)
-    num_lines = sum(r["count()"] for r in counts)
-    logger.info("input %s: %d request lines in %d files, %d duplicated custom_ids", ", ".join(inputs), num_lines,
-                len(files), len(duplicates))
-    return RequestFilesPlan(list(inputs), files, num_lines, duplicates)
+    return sum(r["count()"] for r in counts), duplicates
 
 
 def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan):

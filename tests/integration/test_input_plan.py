@@ -1,7 +1,10 @@
 """The input scan before a job: rows, duplicated ids and rows without id, counted in the driver for small
 inputs and by Ray Data's groupby on Ray's workers for large ones (pipeline/batch.py). Both ways must
 agree, row for row, on the same files: here a three-file input with a duplicate within a file, one
-across files, rows without id, and integer ids (counted as strings, as the job writes them)."""
+across files, rows without id, and integer ids (counted as strings, as the job writes them); and the
+same for OpenAI Batch request files."""
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -43,3 +46,25 @@ def test_driver_and_ray_count_the_same_ids(tmp_path, local_ray, id_type, caplog)
         assert plan.num_rows == 12
         assert plan.duplicate_ids == {"1", "2"}
         assert plan.missing_ids == 3
+
+
+def test_openai_batch_files_driver_and_ray_count_the_same_custom_ids(tmp_path, local_ray, caplog):
+    """The same for OpenAI Batch request files (pipeline/openai_batch_run.py): a duplicate within a file
+    and across files, a line that is not JSON, one without custom_id, and a blank line (not a line)."""
+    from pipeline.openai_batch_run import plan_requests
+
+    directory = tmp_path / "requests"
+    directory.mkdir()
+    line = lambda custom_id: json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions"})
+    (directory / "a.jsonl").write_text("\n".join([line("r1"), line("r2"), line("r2"), "{not json", ""]) + "\n")
+    (directory / "b.jsonl").write_text("\n".join([line("r3"), line("r1"), json.dumps({"method": "POST"})]) + "\n")
+    config = PipelineConfig.load(environ={})
+    with caplog.at_level("INFO", logger="pipeline.openai_batch_run"):
+        in_driver = plan_requests(config, [str(directory)])
+        on_ray = plan_requests(config, [str(directory)], driver_scan_max_bytes=0)
+    assert [m.split("(counted ")[1] for m in caplog.messages if "(counted " in m] == \
+        ["in the driver)", "on Ray's workers)"]
+    for plan in (in_driver, on_ray):
+        assert plan.num_lines == 7
+        assert plan.duplicate_ids == {"r1", "r2"}
+        assert len(plan.files) == 2
