@@ -121,14 +121,8 @@ def plan_input(config: PipelineConfig, input_uri: InputUri,
 
 
 def _count_ids_here(dataset: pads.Dataset) -> tuple[int, frozenset[str], int]:
-    import pyarrow.compute as pc
-
     ids = dataset.to_table(columns=[R.ID]).column(R.ID)
-    if not pa.types.is_string(ids.type):
-        ids = ids.cast(pa.string())
-    counts = pc.value_counts(pc.drop_null(ids))
-    duplicates = frozenset(v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1)
-    return len(ids), duplicates, ids.null_count
+    return count_ids(ids if pa.types.is_string(ids.type) else ids.cast(pa.string()))
 
 
 def _count_ids_on_ray(fs: pafs.FileSystem, path, schema: pa.Schema, n_files: int) -> tuple[int, frozenset[str], int]:
@@ -137,12 +131,25 @@ def _count_ids_on_ray(fs: pafs.FileSystem, path, schema: pa.Schema, n_files: int
     ids = ray.data.read_parquet(path, filesystem=fs, columns=[R.ID])
     if not pa.types.is_string(schema.field(R.ID).type):
         ids = ids.map_batches(_ids_as_strings, batch_format="pyarrow")
+    return count_ids_on_ray(ids, R.ID, n_files)
+
+
+def count_ids(ids: pa.ChunkedArray) -> tuple[int, frozenset[str], int]:
+    """(values, values seen more than once, nulls) of a string column held here."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(pc.drop_null(ids))
+    duplicates = frozenset(v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1)
+    return len(ids), duplicates, ids.null_count
+
+
+def count_ids_on_ray(ids, column: str, n_files: int) -> tuple[int, frozenset[str], int]:
+    """The same as `count_ids`, for a Ray dataset's string column, by a distributed groupby."""
     # Ray's default of 200 shuffle partitions is meant for big data; one per input file is plenty here
     # and keeps small inputs from spawning hundreds of tasks.
-    partitions = max(1, min(200, n_files))
-    counts = ids.groupby(R.ID, num_partitions=partitions).count().take_all()
-    duplicates = frozenset(r[R.ID] for r in counts if r[R.ID] is not None and r["count()"] > 1)
-    missing = sum(r["count()"] for r in counts if r[R.ID] is None)
+    counts = ids.groupby(column, num_partitions=max(1, min(200, n_files))).count().take_all()
+    duplicates = frozenset(r[column] for r in counts if r[column] is not None and r["count()"] > 1)
+    missing = sum(r["count()"] for r in counts if r[column] is None)
     return sum(r["count()"] for r in counts), duplicates, missing
 
 

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import pyarrow.fs as pafs
 
-from .batch import MANIFEST_NAME, InputError, ModelPlan, OutputExistsError, plan_model, processor_config
+from .batch import (MANIFEST_NAME, InputError, ModelPlan, OutputExistsError, count_ids, count_ids_on_ray, plan_model,
+                    processor_config)
 from .config import PipelineConfig
 from .engine import fixed_or_range
 from .manifest import package_versions
@@ -108,25 +109,20 @@ def _total_bytes(config: PipelineConfig, files: Sequence[str]) -> int:
 
 def _count_ids_here(config: PipelineConfig, files: Sequence[str]) -> tuple[int, frozenset[str]]:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     limit = config.openai_batch.max_request_bytes
     chunks = [custom_ids(block, limit).column(CUSTOM_ID)
               for uri in files
               for block in read_request_lines(pa.table({URI: [uri]}), storage=config.storage, max_line_bytes=limit)]
-    ids = pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=pa.string())
-    counts = pc.value_counts(pc.drop_null(ids))
-    duplicates = frozenset(v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1)
-    return len(ids), duplicates
+    num_lines, duplicates, _ = count_ids(pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=pa.string()))
+    return num_lines, duplicates
 
 
 def _count_ids_on_ray(config: PipelineConfig, files: Sequence[str]) -> tuple[int, frozenset[str]]:
-    lines = read_lines_dataset(config, files)
-    ids = lines.map_batches(custom_ids, batch_format="pyarrow",
-                            fn_kwargs={"max_line_bytes": config.openai_batch.max_request_bytes})
-    counts = ids.groupby(CUSTOM_ID, num_partitions=max(1, min(200, len(files)))).count().take_all()
-    duplicates = frozenset(r[CUSTOM_ID] for r in counts if r[CUSTOM_ID] is not None and r["count()"] > 1)
-    return sum(r["count()"] for r in counts), duplicates
+    ids = read_lines_dataset(config, files).map_batches(
+        custom_ids, batch_format="pyarrow", fn_kwargs={"max_line_bytes": config.openai_batch.max_request_bytes})
+    num_lines, duplicates, _ = count_ids_on_ray(ids, CUSTOM_ID, len(files))
+    return num_lines, duplicates
 
 
 def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan):
