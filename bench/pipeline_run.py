@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.batch import build_caption_dataset, plan_input, plan_model
     from pipeline.config import PipelineConfig
     from pipeline.runtime import init_ray
-    from pipeline.vllm_patches import ENV_SWITCH
+    from pipeline.vllm_patches import range_cache_enabled
 
     overrides = bench_overrides(args.checkpoint, args.overrides)
     config = PipelineConfig.load(overrides=overrides).with_absolute_paths()
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
           # (min, max): enough to rate the run again another way later.
           "batches": [[round(t - first + rates["first_row_out_after_entering_s"], 2), len(lat),
                        round(min(lat), 2), round(max(lat), 2)] for t, lat in arrivals if lat],
-          "settings": overrides, "range_cache": config.runtime.env_vars.get(ENV_SWITCH, os.environ.get(ENV_SWITCH, "1")) != "0",
+          "settings": overrides, "range_cache": range_cache_enabled({**os.environ, **config.runtime.env_vars}),
           **sampler.stop()})
     if rows != total:
         raise SystemExit(f"pipeline returned {rows} rows for {total} inputs")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import os
 
-    from pipeline.vllm_patches import ENV_SWITCH
+    from pipeline.vllm_patches import ENV_SWITCH, range_cache_enabled
 
     os.environ.setdefault(ENV_SWITCH, "0")  # before vLLM starts its engine process, which inherits it
     import io
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     common = {"label": args.label, "checkpoint": args.checkpoint, "engine": "plain vLLM LLM.chat",
               "card": card_name(), "vllm": vllm.__version__, "startup_s": round(startup_s, 1),
               "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
-              "range_cache": os.environ[ENV_SWITCH] != "0"}
+              "range_cache": range_cache_enabled()}
 
     batch = [conversation(images[16 + i], prompts[16 + i]) for i in range(args.n)]
     sampler = GpuSampler().start()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,14 @@ ENV_SWITCH = "PIPELINE_VLLM_RANGE_CACHE"
 _CACHED = "_pipeline_embeds_ranges"
 
 
+def range_cache_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the patch applies under this environment: on unless PIPELINE_VLLM_RANGE_CACHE=0."""
+    return environ.get(ENV_SWITCH, "1") != "0"
+
+
 def cache_embeds_ranges() -> bool:
     """Memoise `PlaceholderRange.extract_embeds_range` per instance (idempotent); False when switched off."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not range_cache_enabled():
         return False
     from vllm.multimodal.inputs import PlaceholderRange
 
