@@ -50,7 +50,9 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
     cp $BENCH/results.json $BENCH/orchestrator.log "${OUT:-/tmp}/" 2>/dev/null
     # One archive of run logs and profiler outputs (the tool returns at most 8 files of 16 MiB).
-    (cd $BENCH && find . -maxdepth 2 \( -name "*.log" -o -path "./profile-*/*" -o -path "./stacks/*" \) -size -40M -print0 \
+    # Profiler traces of a whole wave run to tens of MB: they stay there (their breakdown is in the results).
+    (cd $BENCH && find . -maxdepth 2 \( \( -name "*.log" -size -40M \) -o \( -path "./profile-*/*" -size -6M \) \
+      -o \( -path "./stacks/*" -size -40M \) \) -print0 \
       | tar --null -czf "${OUT:-/tmp}/bench-logs.tar.gz" -T - 2>/dev/null)
     ls -la "${OUT:-/tmp}/"
     tail -25 $BENCH/orchestrator.log ;;

@@ -45,10 +45,18 @@ def _tp(size: int, extra: str = NO_FUSION) -> list[str]:
     return ["--set", f"engine.tensor_parallel_size={size}", "--set", f"engine.extra_engine_kwargs={extra}"]
 
 
+PROFILE_N = 256  # requests the engine-* runs profile: one wave at max_num_seqs 256
 RUNS = {
     "plain-fp8": ("plain", "fp8", ["--profile-dir", "{workdir}/profile-plain-fp8"]),
     "plain-bf16": ("plain", "bf16", []),
     "pipeline-fp8": ("pipeline", "fp8", []),
+    # The pipeline's engine alone: plain vLLM `LLM.chat` with our Gemma 3 variant and vLLM patch, every
+    # request handed over at once. Its rate is what the card gives the pipeline's engine, and its
+    # profile, a whole wave of 256 at the pipeline's settings, where that engine's GPU time goes.
+    "engine-fp8": ("plain", "fp8", ["--fast-images", "--range-cache", "--text-n", "0",
+                                    "--profile-dir", "{workdir}/profile-engine-fp8", "--profile-n", str(PROFILE_N)]),
+    "engine-bf16": ("plain", "bf16", ["--fast-images", "--range-cache", "--text-n", "0",
+                                      "--profile-dir", "{workdir}/profile-engine-bf16", "--profile-n", str(PROFILE_N)]),
     "pipeline-bf16": ("pipeline", "bf16", []),
     # Ablations: where does the gain come from?
     "pipeline-fp8-stock-images": ("pipeline", "fp8", ["--set", "engine.normalize_images_on_device=false"]),
@@ -359,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = build_checkpoints(workdir, args.shape, args.device)
     data = {"plain": workdir / "w1-plain.parquet", "pipeline": workdir / f"w1-{args.pipeline_n}.parquet"}
     if not data["plain"].exists():
-        write_w1_parquet(data["plain"], args.plain_n + 16, start=100_000)
+        # 16 warm-up, the timed requests, then fresh images for a profiled wave.
+        write_w1_parquet(data["plain"], args.plain_n + 16 + PROFILE_N, start=100_000)
     if not data["pipeline"].exists():
         write_w1_parquet(data["pipeline"], args.pipeline_n)
     if "frontend_cost" not in state:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from bench.common import GENERATED_TOKENS, TEXT_PROMPT, GpuSampler, card_name, emit
 
@@ -28,14 +29,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-n", type=int, default=512)
     parser.add_argument("--fast-images", action="store_true", help="use our uint8 Gemma 3 variant")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V", help="extra engine args (JSON values)")
-    parser.add_argument("--profile-dir", help="after the timed runs, profile 64 W1 requests with torch's profiler")
+    parser.add_argument("--profile-dir", help="after the timed runs, profile W1 requests with torch's profiler")
+    parser.add_argument("--profile-n", type=int, default=64,
+                        help="requests to profile: 512 (two waves of 256) shows the steady state")
+    parser.add_argument("--range-cache", action="store_true",
+                        help="with our vLLM patch (pipeline/vllm_patches.py), as the pipeline runs: the engine alone")
     args = parser.parse_args(argv)
 
     import os
 
     from pipeline.vllm_patches import ENV_SWITCH, range_cache_enabled
 
-    os.environ.setdefault(ENV_SWITCH, "0")  # before vLLM starts its engine process, which inherits it
+    # Before vLLM starts its engine process, which inherits them.
+    os.environ[ENV_SWITCH] = "1" if args.range_cache else os.environ.get(ENV_SWITCH, "0")
+    if args.profile_dir:
+        # vLLM's own ranges (and our vision tower's, pipeline/vllm_gemma3.py) in the trace, for
+        # bench.profile_breakdown; outside the profiler they cost a few microseconds per step.
+        os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     import io
     import json
 
@@ -44,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    table = pq.read_table(args.w1_parquet).slice(0, args.n + 16)
+    table = pq.read_table(args.w1_parquet).slice(0, args.n + 16 + (args.profile_n if args.profile_dir else 0))
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in table.column("image").to_pylist()]
     prompts = table.column("prompt").to_pylist()
     kwargs = dict(model=args.checkpoint, max_num_seqs=256, gpu_memory_utilization=0.9, max_model_len=8192,
@@ -69,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                                              {"type": "text", "text": prompt}]}]
 
     llm.chat([conversation(images[i], prompts[i]) for i in range(16)], params, use_tqdm=False)  # warm-up
-    common = {"label": args.label, "checkpoint": args.checkpoint, "engine": "plain vLLM LLM.chat",
+    engine = "plain vLLM LLM.chat" + (" + our Gemma 3 variant and patch" if args.fast_images and args.range_cache else "")
+    common = {"label": args.label, "checkpoint": args.checkpoint, "engine": engine,
               "card": card_name(), "vllm": vllm.__version__, "startup_s": round(startup_s, 1),
               "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
               "range_cache": range_cache_enabled()}
@@ -101,14 +112,24 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile_dir:
         # Not timed: the profiler slows the run. It shows where the engine's time goes with images.
-        profiled = [conversation(images[i % len(images)], prompts[0]) for i in range(64)]
+        # Images not seen before where the file has them, so no cache of vLLM's skips any image work.
+        first = 16 + args.n if len(images) >= 16 + args.n + args.profile_n else 0
+        profiled = [conversation(images[(first + i) % len(images)], prompts[0]) for i in range(args.profile_n)]
         llm.start_profile()
         started = time.perf_counter()
         llm.chat(profiled, params, use_tqdm=False)
         seconds = time.perf_counter() - started
         llm.stop_profile()
-        emit({**common, "workload": "W1-profiled", "n": len(profiled), "seconds": round(seconds, 2),
-              "profile_dir": args.profile_dir})
+        result = {**common, "workload": "W1-profiled", "n": len(profiled), "seconds": round(seconds, 2),
+                  "profile_dir": args.profile_dir}
+        try:
+            from bench.profile_breakdown import markdown, summarise_dir
+
+            result["kernel_breakdown"] = summarise_dir(Path(args.profile_dir), images=len(profiled))
+            print(markdown(result["kernel_breakdown"]), flush=True)
+        except Exception as error:  # the timed results above stand without it
+            result["kernel_breakdown_error"] = f"{type(error).__name__}: {error}"
+        emit(result)
 
 
 if __name__ == "__main__":

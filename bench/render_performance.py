@@ -74,6 +74,10 @@ def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
     for label in sorted(w1):
         if "-fp8" in label.split("+")[0] and (bf16 := _counterpart(label, ("-fp8", "-bf16"))) in w1:
             ratios.append((f"{label} / {bf16} (FP8 / BF16), W1", _ratio(w1[label], w1[bf16])))
+    for label in sorted(w1):
+        if label.startswith("pipeline-") and (engine := label.replace("pipeline-", "engine-", 1)) in w1:
+            ratios.append((f"{label} / {engine} (pipeline / its engine alone, all requests at once), W1",
+                           _ratio(w1[label], w1[engine])))
     if "plain-fp8" in text and "plain-bf16" in text:
         ratios.append(("plain-fp8 / plain-bf16 (FP8 / BF16), text-only", _ratio(text["plain-fp8"], text["plain-bf16"])))
     for label in sorted(w1):
@@ -81,6 +85,34 @@ def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
         if "+" in label and base in w1:
             ratios.append((f"{label} / {base} (knobs vs default), W1", _ratio(w1[label], w1[base])))
     return ratios
+
+
+def kernel_tables(runs: list[dict], floors: dict) -> list[str]:
+    """GPU kernel time per image by part, from each profiled run's trace (bench/profile_breakdown.py)."""
+    lines = []
+    for run in runs:
+        breakdown = run.get("kernel_breakdown")
+        if run.get("workload") != "W1-profiled" or not breakdown:
+            continue
+        precision = "fp8" if "-fp8" in run["label"].split("+")[0] else "bf16"
+        floor_ms = 1e3 / floors[precision]["serial_images_per_s"]
+        lines += [
+            f"GPU kernel time per image in `{run['label']}`'s profile ({breakdown['images']} requests, "
+            f"{breakdown['kernels']:,} kernels; `python -m bench.profile_breakdown`): "
+            f"{breakdown['kernel_ms_per_image']:.1f} ms in all, so a card running only these kernels back to "
+            f"back gives **{breakdown['kernel_bound_images_per_s']:.1f} images/s**; the serial floor is "
+            f"{floor_ms:.1f} ms ({floors[precision]['serial_images_per_s']:.0f} images/s).",
+            "",
+            "| part | ms per image | share | of it in prefill steps | in decode-only steps |",
+            "|---|---|---|---|---|",
+        ]
+        steps = breakdown.get("ms_per_image_by_step", {})
+        for part, ms in breakdown["ms_per_image"].items():
+            prefill = steps.get("prefill steps", {}).get(part, 0.0)
+            decode = steps.get("decode-only steps", {}).get(part, 0.0)
+            lines.append(f"| {part} | {ms:.2f} | {breakdown['share'][part]:.0%} | {prefill:.2f} | {decode:.2f} |")
+        lines.append("")
+    return lines
 
 
 def render(results: dict, chart: Path, key: str) -> str:
@@ -135,6 +167,7 @@ def render(results: dict, chart: Path, key: str) -> str:
           f"{f['decode_weights_ms']:.1f} ms | {f['decode_kv_ms']:.1f} ms | {f['serial_images_per_s']:.0f} images/s | "
           f"{f['overlapped_images_per_s']:.0f} images/s |" for p, f in floors.items()],
         "",
+        *kernel_tables(runs, floors),
         f"![W1 throughput]({chart.name})",
         "",
         (f"Did not finish in this run (the text below says why): {', '.join(missing)}." if missing else ""),

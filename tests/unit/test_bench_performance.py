@@ -62,3 +62,18 @@ def test_each_results_file_rewrites_only_its_own_block(tmp_path):
     assert "H100 table" in text and "prose" in text and text.rstrip().endswith("tail")
     assert "stale" not in text and "2.00x" in text
     assert (tmp_path / "h200x4-test-w1.png").exists()
+
+
+def test_a_profiled_run_gets_its_kernel_table_beside_the_floor(tmp_path):
+    breakdown = {"images": 256, "kernels": 400000, "kernel_ms_per_image": 30.0, "kernel_bound_images_per_s": 33.3,
+                 "ms_per_image": {"vision GEMMs": 6.0, "decoder attention": 9.0},
+                 "share": {"vision GEMMs": 0.2, "decoder attention": 0.3},
+                 "ms_per_image_by_step": {"prefill steps": {"vision GEMMs": 6.0, "decoder attention": 1.0},
+                                          "decode-only steps": {"decoder attention": 8.0}}}
+    runs = [*RESULTS["runs"], _run("engine-fp8", 30.0),
+            {**_run("engine-fp8", 0.0), "workload": "W1-profiled", "kernel_breakdown": breakdown}]
+    text = render({**RESULTS, "runs": runs}, tmp_path / "chart.png", "h100-test")
+    assert "| decoder attention | 9.00 | 30% | 1.00 | 8.00 |" in text
+    assert "**33.3 images/s**" in text and "256 requests, 400,000 kernels" in text
+    ratios = dict(measured_ratios([r for r in runs if not r.get("failed")]))
+    assert ratios["pipeline-fp8 / engine-fp8 (pipeline / its engine alone, all requests at once), W1"] == "0.93x"
