@@ -65,7 +65,7 @@ def test_each_results_file_rewrites_only_its_own_block(tmp_path):
 
 
 def test_a_profiled_run_gets_its_kernel_table_beside_the_floor(tmp_path):
-    breakdown = {"images": 256, "kernels": 400000, "kernel_ms_per_image": 30.0, "kernel_bound_images_per_s": 33.3,
+    breakdown = {"images": 256, "kernels": 400000, "vision_scope_found": True, "kernel_ms_per_image": 30.0, "kernel_bound_images_per_s": 33.3,
                  "ms_per_image": {"vision GEMMs": 6.0, "decoder attention": 9.0},
                  "share": {"vision GEMMs": 0.2, "decoder attention": 0.3},
                  "ms_per_image_by_step": {"prefill steps": {"vision GEMMs": 6.0, "decoder attention": 1.0},
@@ -77,3 +77,8 @@ def test_a_profiled_run_gets_its_kernel_table_beside_the_floor(tmp_path):
     assert "**33.3 images/s**" in text and "256 requests, 400,000 kernels" in text
     ratios = dict(measured_ratios([r for r in runs if not r.get("failed")]))
     assert ratios["pipeline-fp8 / engine-fp8 (pipeline / its engine alone, all requests at once), W1"] == "0.93x"
+    stock = {**breakdown, "vision_scope_found": False, "images": 64}
+    runs[-1] = {**runs[-1], "label": "plain-fp8", "kernel_breakdown": stock}
+    text = render({**RESULTS, "runs": runs}, tmp_path / "chart.png", "h100-test")
+    assert "| decoder attention |" not in text  # stock vLLM's vision GEMMs would pass for the decoder's
+    assert "`plain-fp8`'s profile (64 requests) is of stock vLLM" in text
