@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="K=V", help="extra engine args (JSON values)")
     parser.add_argument("--profile-dir", help="after the timed runs, profile W1 requests with torch's profiler")
     parser.add_argument("--profile-n", type=int, default=64,
-                        help="requests to profile: 512 (two waves of 256) shows the steady state")
+                        help="requests to profile; 256, one whole wave at max_num_seqs 256, shows the steady state")
     parser.add_argument("--range-cache", action="store_true",
                         help="with our vLLM patch (pipeline/vllm_patches.py), as the pipeline runs: the engine alone")
     args = parser.parse_args(argv)
