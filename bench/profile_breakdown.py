@@ -45,13 +45,18 @@ PARTS = [
 ]
 
 
+def _is_gemm(name: str) -> bool:
+    """CUTLASS, cuBLAS (nvjet, xmma) and other GEMM kernels, by their lower-case names."""
+    return any(mark in name for mark in ("gemm", "nvjet", "xmma", "cublas"))
+
+
 def part_of(kernel: str, in_vision: bool) -> str:
     """The part a GPU kernel belongs to, by where it was launched and what it is called."""
     name = kernel.lower()
     if in_vision:
         if "flash" in name or "fmha" in name or "attention" in name:
             return "vision attention"
-        if "gemm" in name or "nvjet" in name or "xmma" in name or "cublas" in name:
+        if _is_gemm(name):
             return "vision GEMMs"
         return "vision other"
     # vLLM gives Gemma 3's decoder Triton attention only; FlashAttention outside our range is unattributed.
@@ -62,7 +67,7 @@ def part_of(kernel: str, in_vision: bool) -> str:
     # Before GEMMs: torch.compile names its fusions after the ops they hold, cutlass_scaled_mm among them.
     if name.startswith("triton_"):
         return "decoder fused Triton (norms, quantisation)"
-    if "gemm" in name or "nvjet" in name or "xmma" in name or "cublas" in name or "scaled_mm" in name:
+    if _is_gemm(name) or "scaled_mm" in name:
         return "decoder GEMMs"
     if "sample" in name or "topk" in name or "top_k" in name or "softmax" in name or "argmax" in name:
         return "sampling"
