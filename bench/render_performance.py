@@ -87,13 +87,16 @@ def measured_ratios(runs: list[dict]) -> list[tuple[str, str]]:
     return ratios
 
 
+def profiled_runs(runs: list[dict]) -> list[dict]:
+    """The runs whose profile was summed per part (bench/profile_breakdown.py)."""
+    return [r for r in runs if r.get("workload") == "W1-profiled" and r.get("kernel_breakdown")]
+
+
 def kernel_tables(runs: list[dict], floors: dict) -> list[str]:
     """GPU kernel time per image by part, from each profiled run's trace (bench/profile_breakdown.py)."""
     lines = []
-    for run in runs:
-        breakdown = run.get("kernel_breakdown")
-        if run.get("workload") != "W1-profiled" or not breakdown:
-            continue
+    for run in profiled_runs(runs):
+        breakdown = run["kernel_breakdown"]
         if not breakdown.get("vision_scope_found"):
             # Stock vLLM's Gemma 3 opens no range around its vision tower: its GEMMs would read as the decoder's.
             lines += [f"`{run['label']}`'s profile ({breakdown['images']} requests) is of stock vLLM, whose vision "
@@ -197,8 +200,7 @@ def _chart(runs: list[dict], floors: dict, card: str, path: Path) -> None:
     w1 = [r for r in runs if r.get("workload") == "W1"]
     # The rate a card running only the profiled kernels would give: the ceiling of those settings.
     kernel_bound = [(f"{r['label']} kernels alone (profile)", r["kernel_breakdown"]["kernel_bound_images_per_s"])
-                    for r in runs if r.get("workload") == "W1-profiled"
-                    and (r.get("kernel_breakdown") or {}).get("vision_scope_found")]
+                    for r in profiled_runs(runs) if r["kernel_breakdown"].get("vision_scope_found")]
     labels = [r["label"] for r in w1] + [l for l, _ in kernel_bound] + ["floor FP8 (serial)", "floor FP8 (overlapped)"]
     values = [r["requests_per_s"] for r in w1] + [v for _, v in kernel_bound] + [
         floors["fp8"]["serial_images_per_s"], floors["fp8"]["overlapped_images_per_s"]]
