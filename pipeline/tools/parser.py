@@ -3,14 +3,15 @@
 Gemma 3 has no tool tokens. Our chat template (templates/gemma3_tools.jinja) asks it for a Python-style
 list of calls, `[get_weather(city="Paris")]`, and the model writes that list alone, after some text, or
 inside a ```tool_code / ```python fence (Google's own Gemma examples use the fence, with bare calls on
-their own lines). vLLM's `pythonic` parser only accepts output that starts with `[`, so this module
-first *locates* the call block and then reads it with vLLM's pythonic machinery (`ast.parse`, never
+their own lines); an output may hold several such blocks, each read in order. vLLM's `pythonic` parser
+only accepts output that starts with `[`, so this module first *locates* the call blocks and then reads
+each with vLLM's pythonic machinery (`ast.parse`, never
 `eval`; `get_parameter_value` accepts literals only, including JSON's true/false/null). Every call is
 then checked against its tool's JSON schema with `jsonschema`.
 
 Nothing here raises on bad model output: an unparseable block, an unknown tool or arguments of the
 wrong type come back as `CallError`s, so batch turns them into error rows and the online parser into
-plain content. `locate_block(text, final=False)` also answers for a text that is still being streamed:
+plain content. `locate_blocks(text, final=False)` also answers for a text that is still being streamed:
 whether a block may be starting at its end, so the streaming parser knows what it must hold back.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import enum
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,23 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class BlockCalls:
+    """One call block as read: its calls, and what was wrong with them (call indexes count from the
+    first call of the whole output, so an error names the same call whichever block holds it)."""
+
+    block: Block
+    calls: tuple[ToolCall, ...]
+    errors: tuple[CallError, ...]
+
+
+@dataclass(frozen=True)
 class ParsedOutput:
-    """One model turn: the text around the calls, the calls, and what was wrong with them."""
+    """One model turn: the text around the calls, the calls of every block, and what was wrong with them."""
 
     content: Optional[str]
     calls: tuple[ToolCall, ...] = ()
     errors: tuple[CallError, ...] = ()
-    block: Optional[Block] = field(default=None, compare=False)
+    blocks: tuple[Block, ...] = field(default=(), compare=False)
 
     @property
     def ok(self) -> bool:
@@ -102,25 +113,64 @@ class ParsedOutput:
 
 # ----------------------------------------------------------------------------------------- public API
 def parse_tool_calls(text: str, tools: Optional[Sequence[Mapping[str, Any]]]) -> ParsedOutput:
-    """Locate, read and check the tool calls in a complete model output.
+    """Locate, read and check the tool calls of every block in a complete model output, in order.
 
     `tools` are OpenAI tool definitions (`{"type": "function", "function": {"name", "parameters"}}`);
-    None skips the name and schema checks. `content` is the text outside the call block, stripped
-    (None when nothing is left).
+    None skips the name and schema checks. `content` is the text outside the call blocks, stripped
+    (None when nothing is left). The errors of every block are kept: one bad block among good ones
+    still makes the output not `ok`.
     """
-    found = locate_block(text, final=True)
-    if not isinstance(found, Block):
+    read = read_blocks(text, tools)
+    if not read:
         return ParsedOutput(content=_strip(text))
-    content = _strip(text[:found.start] + text[found.end:])
-    calls, errors = read_calls(found.source, fenced=found.fenced)
-    if not errors and tools is not None:
-        errors = check_calls(calls, tools)
-    return ParsedOutput(content=content, calls=tuple(calls), errors=tuple(errors), block=found)
+    return ParsedOutput(content=_strip(text_outside(text, [r.block for r in read])),
+                        calls=tuple(c for r in read for c in r.calls),
+                        errors=tuple(e for r in read for e in r.errors),
+                        blocks=tuple(r.block for r in read))
 
 
-def locate_block(text: str, *, final: bool) -> Block | Pending | None:
-    """The first tool-call block in `text`; with final=False, also a tail that may still become one."""
+def read_blocks(text: str, tools: Optional[Sequence[Mapping[str, Any]]]) -> list[BlockCalls]:
+    """Every call block of a complete output, read and checked on its own, in order."""
+    blocks, _ = locate_blocks(text, final=True)
+    read, first_index = [], 0
+    for block in blocks:
+        calls, errors = read_calls(block.source, fenced=block.fenced)
+        written = len(calls) + sum(1 for e in errors if e.index is not None)  # calls the block holds
+        if not errors and tools is not None:
+            errors = check_calls(calls, tools)
+        errors = [replace(e, index=e.index + first_index) if e.index is not None else e for e in errors]
+        read.append(BlockCalls(block, tuple(calls), tuple(errors)))
+        first_index += written
+    return read
+
+
+def text_outside(text: str, blocks: Sequence[Block]) -> str:
+    """`text` without the given blocks (which are in order and do not overlap)."""
+    pieces, position = [], 0
+    for block in blocks:
+        pieces.append(text[position:block.start])
+        position = block.end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def locate_blocks(text: str, *, final: bool) -> tuple[list[Block], Optional[Pending]]:
+    """Every complete tool-call block in `text`, in order; with final=False, also a tail after the
+    last one that may still become a block (None when there is none)."""
+    blocks: list[Block] = []
     position = 0
+    while True:
+        found = locate_block(text, final=final, start=position)
+        if not isinstance(found, Block):
+            return blocks, found
+        blocks.append(found)
+        position = found.end
+
+
+def locate_block(text: str, *, final: bool, start: int = 0) -> Block | Pending | None:
+    """The first tool-call block in `text` from `start`; with final=False, also a tail that may still
+    become one."""
+    position = start
     while True:
         fence = text.find(_FENCE, position)
         listed = _LIST_START.search(text, position)

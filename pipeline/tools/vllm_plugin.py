@@ -3,8 +3,9 @@
 vLLM ships no Gemma 3 tool parser, and its `pythonic` parser only reads output that starts with "[".
 This parser reads what pipeline.tools.parser reads (calls alone, after text, in ```tool_code/```python
 fences, several, nested and quoted arguments) and checks them against the request's tool schemas, so
-the endpoint and the batch job give the same calls for the same output. An output whose calls are
-invalid comes back as plain content (the OpenAI response has no place for a parse error) and is logged.
+the endpoint and the batch job give the same calls for the same output. Every call block of an output
+is read, in order; a block whose calls are invalid comes back as plain content, where it stood (the
+OpenAI response has no place for a parse error), and is logged; the valid blocks around it are calls.
 'required' and named tool_choice stay with vLLM's guided-JSON path (`supports_required_and_named`), which
 the batch job mirrors.
 
@@ -34,7 +35,7 @@ from vllm.entrypoints.generate.base.protocol import (
 )
 from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 
-from pipeline.tools.parser import Block, Pending, locate_block, parse_tool_calls
+from pipeline.tools.parser import locate_blocks, read_blocks, text_outside
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +73,28 @@ class Gemma3ToolParser(ToolParser):
     def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
                                      previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
                                      delta_token_ids: Sequence[int], request: Any) -> Optional[DeltaMessage]:
-        if self._is_last_chunk(current_token_ids, delta_token_ids, request):
-            content, calls = self._read(current_text, request)
-        else:
-            found = locate_block(current_text, final=False)
-            if isinstance(found, Pending):
-                content, calls = current_text[:found.start].strip() or None, []
-            elif isinstance(found, Block):
-                content, calls = self._read(current_text, request)
-            else:
-                content, calls = current_text.strip() or None, []
+        text, last = current_text, self._is_last_chunk(current_token_ids, delta_token_ids, request)
+        if not last:
+            _, pending = locate_blocks(current_text, final=False)
+            if pending is not None:  # hold back what may still become a block; the rest is final
+                text = current_text[:pending.start]
+        content, calls = self._read(text, request, log=last)
         return self._delta(content or "", calls)
 
     # ------------------------------------------------------------------------------------ internals
-    def _read(self, text: str, request: Any) -> tuple[Optional[str], list[dict[str, Any]]]:
-        parsed = parse_tool_calls(text, request_tools(request))
-        if parsed.errors:
-            logger.warning("gemma3 tool parser: invalid tool call returned as content: %s",
-                           parsed.describe_errors())
-            return text.strip() or None, []
-        return parsed.content, [call.as_dict() for call in parsed.calls]
+    def _read(self, text: str, request: Any, log: bool = True) -> tuple[Optional[str], list[dict[str, Any]]]:
+        """(content, calls): valid blocks become calls; an invalid block stays in the content (logged
+        once, when the output is complete, not on every streamed chunk)."""
+        valid, calls = [], []
+        for read in read_blocks(text, request_tools(request)):
+            if read.errors:
+                if log:
+                    logger.warning("gemma3 tool parser: invalid tool call returned as content: %s",
+                                   "; ".join(str(e) for e in read.errors))
+                continue
+            valid.append(read.block)
+            calls += [call.as_dict() for call in read.calls]
+        return text_outside(text, valid).strip() or None, calls
 
     def _delta(self, content: str, calls: list[dict[str, Any]]) -> Optional[DeltaMessage]:
         new_content = ""

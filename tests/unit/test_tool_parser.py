@@ -63,6 +63,12 @@ VALID = [
     pytest.param('```json\n[get_weather(city="Paris")]\n```', [], '```json\n[get_weather(city="Paris")]\n```',
                  id="other-fence-is-text"),
     pytest.param("", [], None, id="empty"),
+    pytest.param('First [get_weather(city="Paris")], then [convert(amount=1, to="EUR"), now()] and done.',
+                 [PARIS, {"name": "convert", "arguments": {"amount": 1, "to": "EUR"}}, {"name": "now", "arguments": {}}],
+                 "First , then  and done.", id="two-lists"),
+    pytest.param('[get_weather(city="Paris")]\nAlso:\n```tool_code\nnow()\n```\n[convert(amount=2, to="USD")]',
+                 [PARIS, {"name": "now", "arguments": {}}, {"name": "convert", "arguments": {"amount": 2, "to": "USD"}}],
+                 "Also:", id="list-fence-list"),
 ]
 
 MALFORMED = [
@@ -110,6 +116,22 @@ def test_malformed_calls_give_clear_errors(text, problem, message):
     assert not parsed.ok
     assert parsed.errors[0].problem == problem
     assert message in parsed.describe_errors(), parsed.describe_errors()
+
+
+MIXED = 'Look: [get_weather(city="Paris")] and [get_time(zone="UTC")] then [convert(amount=1, to="EUR")]'
+
+
+def test_every_block_is_read_and_a_bad_one_still_reports_its_error():
+    parsed = parse_tool_calls(MIXED, TOOLS)
+    assert [c.name for c in parsed.calls] == ["get_weather", "get_time", "convert"]
+    assert [e.problem for e in parsed.errors] == [CallProblem.UNKNOWN_TOOL]
+    assert parsed.describe_errors().startswith("call 2 (get_time): unknown tool 'get_time'")
+    assert len(parsed.blocks) == 3 and parsed.content == "Look:  and  then"
+
+
+def test_error_indexes_count_calls_across_blocks():
+    parsed = parse_tool_calls('[now(), now()] [get_weather(city=input())]', TOOLS)
+    assert parsed.describe_errors().startswith("call 3 (get_weather): argument 'city' must be a literal")
 
 
 # ----------------------------------------------------------------------------- through the vLLM plugin
@@ -167,6 +189,13 @@ def test_plugin_gives_the_same_calls(plugin, mode, text, calls, content):
 @pytest.mark.parametrize("text, problem, message", MALFORMED)
 def test_plugin_returns_invalid_calls_as_content(plugin, mode, text, problem, message):
     assert run_plugin(plugin, text, mode) == (text.strip(), [])
+
+
+@pytest.mark.parametrize("mode", ["complete", "streamed"])
+def test_plugin_keeps_valid_blocks_and_returns_a_bad_one_as_content(plugin, mode):
+    content, calls = run_plugin(plugin, MIXED, mode)
+    assert [c["name"] for c in calls] == ["get_weather", "convert"]
+    assert content == 'Look:  and [get_time(zone="UTC")] then'
 
 
 def test_streaming_sends_text_before_the_calls_are_complete(plugin):
