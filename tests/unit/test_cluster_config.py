@@ -116,3 +116,78 @@ def test_production_config_carries_exactly_the_knobs_that_measured_a_gain():
         assert carried == gained, (label, run["requests_per_s"], baseline_rate)
         # The knob does change the benchmark's own settings, so "not carried" is not vacuous.
         assert PipelineConfig.load(overrides=BENCH_SETTINGS + overrides, environ={}) != baseline, label
+
+
+# --- Security: token auth on every node, the job API on the head's loopback, no secret in the file ---
+
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def cluster_findings(cluster: dict, text: str) -> list[str]:
+    """What in a cluster launcher config lets in someone who does not belong. Empty for a safe one."""
+    from pipeline.testing.ray_head import ClusterHeadStart, docker_env, ray_start_args
+
+    findings = []
+    docker = cluster.get("docker", {})
+    for role in ("head", "worker"):
+        env = docker_env(docker.get("run_options", []) + docker.get(f"{role}_run_options", []))
+        if env.get("RAY_AUTH_MODE") != "token":
+            findings.append(f"{role}: RAY_AUTH_MODE={env.get('RAY_AUTH_MODE')!r}, not token")
+        if "RAY_AUTH_TOKEN" in env:
+            findings.append(f"{role}: RAY_AUTH_TOKEN given as a literal value")
+        token_path = env.get("RAY_AUTH_TOKEN_PATH")
+        if token_path is None or cluster.get("file_mounts", {}).get(token_path) != "~/.ray/auth_token":
+            findings.append(f"{role}: the token is not the file ~/.ray/auth_token shipped by file_mounts")
+        ray_start_args(cluster[f"{role}_start_ray_commands"])  # exactly one `ray start`, or ValueError
+        if any(word.startswith("RAY_AUTH_MODE=") for command in cluster[f"{role}_start_ray_commands"]
+               for word in command.replace(";", " ").split()):
+            findings.append(f"{role}: RAY_AUTH_MODE set in the start command, overriding the container's")
+    head = ClusterHeadStart(args=ray_start_args(cluster["head_start_ray_commands"]), env={})
+    if head.flag("--dashboard-host") not in LOOPBACK:
+        findings.append(f"head: dashboard / job API on {head.flag('--dashboard-host')!r}, not the head's loopback")
+    if "RAY_AUTH_TOKEN=" in text:
+        findings.append("a token written in the file (RAY_AUTH_TOKEN=)")
+    if cluster["provider"].get("security_group"):
+        findings.append("provider.security_group opens more than SSH from outside the cluster")
+    return findings
+
+
+def test_token_auth_on_every_node_and_the_job_api_on_loopback(cluster):
+    from pipeline.testing.ray_head import ClusterHeadStart
+
+    assert cluster_findings(cluster, (ROOT / "cluster.yaml").read_text()) == []
+    start = ClusterHeadStart.load(ROOT / "cluster.yaml")
+    assert start.env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/home/ray/.ray/auth_token"}
+    assert start.flag("--dashboard-host") == "127.0.0.1" and start.flag("--port") == "6379"
+    # What a test's head keeps: all but its own ports, temp dir, node address and the cloud autoscaler.
+    assert start.local_args() == ["--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+
+
+def _mutated(cluster, change):
+    broken = copy.deepcopy(cluster)
+    change(broken)
+    return cluster_findings(broken, yaml.safe_dump(broken))
+
+
+@pytest.mark.parametrize("change, expected", [
+    pytest.param(lambda c: c["docker"]["run_options"].remove("--env RAY_AUTH_MODE=token"),
+                 "head: RAY_AUTH_MODE=None, not token", id="no-auth-mode"),
+    pytest.param(lambda c: c["docker"].update(worker_run_options=["--env RAY_AUTH_MODE=disabled"]),
+                 "worker: RAY_AUTH_MODE='disabled', not token", id="workers-disabled"),
+    pytest.param(lambda c: c["docker"]["run_options"].append("-e RAY_AUTH_TOKEN=abc123"),
+                 "RAY_AUTH_TOKEN given as a literal value", id="literal-token"),
+    pytest.param(lambda c: c["file_mounts"].pop("/home/ray/.ray/auth_token"),
+                 "the token is not the file ~/.ray/auth_token", id="no-token-file"),
+    pytest.param(lambda c: c["head_start_ray_commands"].__setitem__(
+        1, c["head_start_ray_commands"][1].replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")),
+                 "dashboard / job API on '0.0.0.0'", id="open-dashboard"),
+    pytest.param(lambda c: c["head_start_ray_commands"].__setitem__(
+        1, "RAY_AUTH_MODE=disabled " + c["head_start_ray_commands"][1].split("; ", 1)[1]),
+                 "head: RAY_AUTH_MODE set in the start command", id="mode-in-command"),
+    pytest.param(lambda c: c["provider"].update(security_group={"IpPermissions": [
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}),
+                 "provider.security_group", id="open-port"),
+])
+def test_the_cluster_security_checks_can_fail(cluster, change, expected):
+    findings = _mutated(cluster, change)
+    assert any(expected in f for f in findings), findings
