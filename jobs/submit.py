@@ -11,10 +11,15 @@ directory small and forwards environment variables by name:
     python -m jobs.submit --working-dir . --pip '${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[gpu]' -- python -m jobs.caption ...
 
 --address defaults to $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS (http://127.0.0.1:8265 for a local head).
---env NAME copies NAME from this shell; --env NAME=VALUE sets it. Credentials are better left to the
-nodes' instance role: runtime_env values are visible in the dashboard. The cluster's auth token (Ray 2.60
-uses token authentication whenever a token is configured) is sent when one is found: $RAY_AUTH_TOKEN, the file
-$RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray get-auth-token` on the head prints it).
+--env NAME copies NAME from this shell; --env NAME=VALUE sets it. Both put the value into the job's
+runtime_env, which the job API returns to anyone who may use the cluster, so secrets go by reference:
+--env-ref NAME[=NODE_VAR] sets NAME to the node's own $NODE_VAR (default NAME), resolved by Ray on the node
+(e.g. from a Kubernetes Secret); a secret-looking NAME (..._TOKEN, ..._SECRET_..., ..._KEY, PASSWORD...)
+given a value is refused (exit 2). Credentials are best left to the nodes' instance role.
+
+The cluster's auth token is sent when one is found: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, or
+~/.ray/auth_token (cluster.yaml's token; `ray get-auth-token` prints it). The token travels only in the
+request's Authorization header, never in the job.
 
 Exit codes: 0 succeeded (or submitted, with --no-wait), 1 failed, 3 stopped, 4 still running when
 --timeout-s passed (the job goes on), 2 invalid arguments or the cluster refused the job.
@@ -28,8 +33,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.submit import (DEFAULT_EXCLUDES, JobRequest, SubmitError, find_auth_token, job_client, submit_job,
-                             wait_for_job)
+from pipeline.submit import (DEFAULT_EXCLUDES, JobRequest, SubmitError, env_reference, find_auth_token, job_client,
+                             submit_job, wait_for_job)
 
 logger = logging.getLogger("jobs.submit")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
@@ -43,7 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help=f"also exclude from the upload (gitignore-style; always: {' '.join(DEFAULT_EXCLUDES)})")
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                        help="environment variable for the job (NAME alone copies it from this shell)")
+                        help="environment variable for the job (NAME alone copies it from this shell); its value "
+                        "is readable through the job API, so never a secret")
+    parser.add_argument("--env-ref", action="append", default=[], metavar="NAME[=NODE_VAR]",
+                        help="set NAME to the node's own $NODE_VAR (default NAME), resolved by Ray on the node: "
+                        "how secrets reach a job")
     parser.add_argument("--pip", action="append", default=[], metavar="SPEC",
                         help="pip requirement installed into the job's runtime environment")
     parser.add_argument("--py-executable", help="interpreter for the job's Ray workers (runtime_env py_executable)")
@@ -76,6 +85,9 @@ def build_request(args: argparse.Namespace, environ: dict[str, str]) -> JobReque
                 raise ValueError(f"--env {name}: not set in this shell")
             value = environ[name]
         env_vars[name] = value
+    for item in args.env_ref:
+        name, _, node_var = item.partition("=")
+        env_vars[name] = env_reference(node_var or name)
     metadata = dict(item.partition("=")[::2] for item in args.metadata)
     try:
         runtime_env = json.loads(args.runtime_env_json)

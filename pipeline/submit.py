@@ -5,11 +5,18 @@ What it adds to `ray job submit`: excludes that keep the uploaded working direct
 build output and work data never travel), environment variables forwarded from the submitting shell by
 name, and one terminal status that callers turn into an exit code. `jobs.submit` is its command line;
 `pipeline.schedule` submits each tick's caption job through it.
+
+Secrets never travel in a job: a runtime_env is stored in the cluster's GCS and returned by the job API
+(`ray job list`, the dashboard) to anyone who may use the cluster. A variable whose name looks like a
+secret (`is_secret_name`) may only carry a reference, `${NODE_VAR}`, which Ray expands on the node when it
+starts the job's processes (ray._private.utils.update_envs), from the node's own environment (e.g. a
+Kubernetes Secret or the instance role); JobRequest refuses a literal value.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -29,6 +36,37 @@ class SubmitError(RuntimeError):
     """The job could not be submitted or followed (cluster unreachable, bad runtime_env)."""
 
 
+# Words that mark a variable as a secret when they are one of its `_`-separated parts (so HF_TOKEN and
+# AWS_SECRET_ACCESS_KEY are secrets, TOKENIZERS_PARALLELISM is not).
+SECRET_WORDS = frozenset({"SECRET", "SECRETS", "TOKEN", "TOKENS", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL",
+                          "CREDENTIALS", "KEY", "KEYS", "APIKEY", "PRIVATE"})
+# A value that is only a reference to a variable of the node, expanded there by Ray.
+_REFERENCE = re.compile(r"\$\{[A-Z0-9_]+\}")
+
+
+def is_secret_name(name: str) -> bool:
+    return any(part in SECRET_WORDS for part in name.upper().split("_"))
+
+
+def env_reference(node_var: str) -> str:
+    """The runtime_env value that Ray replaces, on the node, with the node's `$node_var` ('' if unset)."""
+    if not re.fullmatch(r"[A-Z0-9_]+", node_var):
+        raise ValueError(f"{node_var!r}: a node variable name is upper-case letters, digits and _ "
+                         "(the only names Ray expands in runtime_env env_vars)")
+    return "${" + node_var + "}"
+
+
+def check_no_secret_values(env_vars: Mapping[str, str]) -> None:
+    """ValueError for a secret-looking variable given a value instead of a `${NODE_VAR}` reference."""
+    for name, value in env_vars.items():
+        if is_secret_name(name) and not _REFERENCE.fullmatch(str(value)):
+            raise ValueError(
+                f"env {name}: looks like a secret, and a job's runtime_env can be read back by anyone who "
+                f"may use the cluster's job API; pass it by reference instead (jobs.submit --env-ref "
+                f"{name}[=NODE_VAR], i.e. {name}=${{NODE_VAR}}, resolved from the node's environment), or "
+                "give the nodes the credential themselves (instance role, Kubernetes Secret)")
+
+
 @dataclass
 class JobRequest:
     """One Ray job: the command and where and with what it runs."""
@@ -46,6 +84,10 @@ class JobRequest:
     entrypoint_resources: Optional[dict[str, float]] = None
     submission_id: Optional[str] = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_no_secret_values(self.env_vars)
+        check_no_secret_values(self.runtime_env.get("env_vars") or {})
 
     def command(self) -> str:
         return shlex.join(self.entrypoint)

@@ -74,3 +74,61 @@ def test_auth_token_sources_in_order(tmp_path):
     assert find_auth_token({"RAY_AUTH_TOKEN_PATH": str(custom)}, tmp_path) == "path-token"
     assert find_auth_token({}, tmp_path) == "home-token"
     assert find_auth_token({}, tmp_path / "nowhere") is None
+
+
+def test_secrets_go_by_reference_never_by_value():
+    """A secret-looking variable becomes `${NODE_VAR}`, which Ray expands on the node; its value never
+    enters the runtime_env that the job API hands back to every user of the cluster."""
+    request = request_of(["--env-ref", "AWS_SECRET_ACCESS_KEY", "--env-ref", "HF_TOKEN=CLUSTER_HF_TOKEN",
+                          "--env", "TOKENIZERS_PARALLELISM=false", "--", "true"],
+                         environ={"AWS_SECRET_ACCESS_KEY": "wJalr-secret", "HF_TOKEN": "hf_secret"})
+    env = request.build_runtime_env()["env_vars"]
+    assert env == {"AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY}", "HF_TOKEN": "${CLUSTER_HF_TOKEN}",
+                   "TOKENIZERS_PARALLELISM": "false"}
+    assert "secret" not in repr(request)
+
+
+def test_ray_expands_the_reference_from_the_nodes_environment(monkeypatch):
+    """What a job's worker does with the reference (Ray's own function, as each worker starts)."""
+    from ray._private.utils import update_envs
+
+    monkeypatch.setenv("CLUSTER_HF_TOKEN", "from-the-node")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    update_envs(request_of(["--env-ref", "HF_TOKEN=CLUSTER_HF_TOKEN", "--", "true"]).build_runtime_env()["env_vars"])
+    import os
+    assert os.environ["HF_TOKEN"] == "from-the-node"
+
+
+@pytest.mark.parametrize("argv, environ", [
+    pytest.param(["--env", "AWS_SECRET_ACCESS_KEY"], {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-value"}, id="copied-from-shell"),
+    pytest.param(["--env", "HF_TOKEN=hf_abc"], {}, id="given-a-value"),
+    pytest.param(["--env", "GEMMA_API_KEYS=k1,k2"], {}, id="api-keys"),
+    pytest.param(["--env", "DB_PASSWORD=x"], {}, id="password"),
+    pytest.param(["--runtime-env-json", '{"env_vars": {"RAY_AUTH_TOKEN": "abc"}}'], {}, id="runtime-env-json"),
+    pytest.param(["--env", "AWS_SESSION_TOKEN=${A}x"], {}, id="reference-plus-text"),
+])
+def test_secret_values_are_refused(argv, environ, caplog, monkeypatch):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.ERROR, logger="jobs.submit"):
+        assert submit_cli.main([*argv, "--", "true"]) == 2
+    assert "looks like a secret" in caplog.text and "--env-ref" in caplog.text
+    assert all(value not in caplog.text for value in environ.values())
+
+
+def test_secret_names():
+    from pipeline.submit import is_secret_name
+
+    assert all(map(is_secret_name, ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "GEMMA_API_KEYS",
+                                    "RAY_AUTH_TOKEN", "PG_PASSWORD", "OPENAI_APIKEY"]))
+    assert not any(map(is_secret_name, ["AWS_REGION", "AWS_ENDPOINT_URL", "TOKENIZERS_PARALLELISM", "MODE", "KEYBOARD"]))
+
+
+def test_a_job_request_itself_refuses_secret_values():
+    """pipeline.schedule builds its requests directly: the same rule holds there."""
+    with pytest.raises(ValueError, match="HF_TOKEN: looks like a secret"):
+        JobRequest(entrypoint=["true"], env_vars={"HF_TOKEN": "hf_abc"})
+    with pytest.raises(ValueError, match="api-keys"):
+        from pipeline.submit import env_reference
+        env_reference("api-keys")
+    assert JobRequest(entrypoint=["true"], env_vars={"HF_TOKEN": "${HF_TOKEN}"}).env_vars == {"HF_TOKEN": "${HF_TOKEN}"}
