@@ -14,18 +14,24 @@ user on the machine (it matches process names: raylet, gcs_server, ...). Instead
 
     with LocalRayHead(num_cpus=8, env={...}) as head:
         JobSubmissionClient(head.dashboard_url).submit_job(...)
+
+`ClusterHeadStart.load("cluster.yaml")` reads how the cluster launcher starts the head (the `ray start`
+flags of head_start_ray_commands and the container's `--env` settings) so that a test can start this head
+the same way: `LocalRayHead(env=start.env, extra_args=start.local_args())`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,9 +41,14 @@ logger = logging.getLogger(__name__)
 
 
 class LocalRayHead:
-    def __init__(self, num_cpus: int = 8, env: Optional[dict[str, str]] = None, ray_binary: Optional[str] = None):
+    def __init__(self, num_cpus: int = 8, env: Optional[dict[str, str]] = None, ray_binary: Optional[str] = None,
+                 extra_args: Optional[list[str]] = None):
         self.num_cpus = num_cpus
+        # The head's own environment; it wins over client_env(), so a caller can start the head with
+        # another auth setting (e.g. cluster.yaml's) than the one its clients use.
         self.env = dict(env or {})
+        # More `ray start` flags, after ours (a flag given twice takes the last value).
+        self.extra_args = list(extra_args or [])
         self.ray_binary = ray_binary or str(Path(sys.executable).parent / "ray")
         # Short: Ray's unix sockets live under it and must stay below 108 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
@@ -75,7 +86,8 @@ class LocalRayHead:
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={self.dashboard_port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         command += [f"{flag}={port}" for flag, port in self._extra_ports.items()]
-        env = {**os.environ, **self.env, **self.client_env()}
+        command += self.extra_args
+        env = {**os.environ, **self.client_env(), **self.env}
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)
         # Jobs run `python ...` from the head's PATH: this interpreter's environment comes first.
@@ -167,3 +179,87 @@ class LocalRayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# `ray start` flags a test's head must set itself: its ports and temp dir (free ones, so that it never meets
+# another cluster), the node address (loopback here) and the autoscaler's config, which the cluster launcher
+# writes on the cloud head (~/ray_bootstrap_config.yaml) and which only works against the cloud provider.
+OWN_FLAGS = ("--port", "--temp-dir", "--node-ip-address", "--dashboard-port", "--ray-client-server-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--autoscaling-config", "--num-cpus", "--num-gpus",
+             "--block", "--head")
+
+
+@dataclass
+class ClusterHeadStart:
+    """How a cluster launcher config (cluster.yaml) starts Ray on its head node."""
+
+    args: list[str]        # the `ray start` words after `ray start`
+    env: dict[str, str]    # the container's environment (docker run_options --env/-e NAME=VALUE)
+
+    @classmethod
+    def load(cls, path) -> "ClusterHeadStart":
+        import yaml
+
+        config = yaml.safe_load(Path(path).read_text())
+        return cls(args=ray_start_args(config["head_start_ray_commands"]),
+                   env=docker_env(config.get("docker", {}).get("run_options", [])
+                                  + config.get("docker", {}).get("head_run_options", [])))
+
+    def flag(self, name: str) -> Optional[str]:
+        """The value of `--name=value` / `--name value` (last one wins, as in click), or None."""
+        value = None
+        for i, word in enumerate(self.args):
+            if word == name and i + 1 < len(self.args) and not self.args[i + 1].startswith("--"):
+                value = self.args[i + 1]
+            elif word.startswith(name + "="):
+                value = word[len(name) + 1:]
+        return value
+
+    def local_args(self) -> list[str]:
+        """The flags a LocalRayHead passes on: all of them but those it sets itself (OWN_FLAGS)."""
+        kept, skip = [], False
+        for word in self.args:
+            if skip:
+                skip = False
+                continue
+            name = word.split("=", 1)[0]
+            if name in OWN_FLAGS:
+                skip = "=" not in word and name not in ("--block", "--head")
+                continue
+            kept.append(word)
+        return kept
+
+
+def ray_start_args(commands: list[str]) -> list[str]:
+    """The words after `ray start` in the one command (of `;`/`&&`-joined shell commands) that starts Ray."""
+    found = []
+    for command in commands:
+        for part in command.replace("&&", ";").split(";"):
+            words = shlex.split(part)
+            # `export A=B`, `ulimit ...`, `VAR=value ray start ...`: skip to the `ray` word.
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                words = words[1:]
+            if words[:2] == ["ray", "start"]:
+                found.append(words[2:])
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one `ray start` in {commands!r}, found {len(found)}")
+    return found[0]
+
+
+def docker_env(run_options: list[str]) -> dict[str, str]:
+    """NAME=VALUE pairs of `--env`/`-e` options (as docker run reads them)."""
+    words = [w for option in run_options for w in shlex.split(option)]
+    env = {}
+    for i, word in enumerate(words):
+        if word in ("--env", "-e") and i + 1 < len(words):
+            item = words[i + 1]
+        elif word.startswith("--env="):
+            item = word[len("--env="):]
+        else:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"docker --env {name}: give NAME=VALUE (a bare name copies the launcher's shell)")
+        env[name] = value
+    return env
