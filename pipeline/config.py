@@ -269,6 +269,13 @@ class BatchSection(_Section):
         "as a `poison_record` error row instead of being retried again. After a crash, the records that "
         "were in flight are retried one at a time, so the crash is pinned on the record that causes it.",
     )
+    output_lease_ttl_s: float = Field(
+        default=300.0, ge=4.0,
+        description="One job writes an output prefix at a time: a job holds OUTPUT/_lease, renewing its "
+        "heartbeat every ttl/4 seconds, and another job on that prefix is refused (exit 4) until the "
+        "heartbeat is older than this (a job that died), or at once when the holder was a process of the "
+        "same host that is gone. Must exceed the clock skew between hosts.",
+    )
 
     @field_validator("engine_replicas", "prepare_replicas")
     @classmethod
