@@ -29,9 +29,17 @@ with another price: python -m jobs.report OUTPUT --set report.gpu_hourly_usd=3.0
 
 Rerunning the same command after a crash resumes: only records without output are processed, and every
 record ends with exactly one output row. Over a complete output it does nothing (exit 0) unless --overwrite.
+A rerun with other model, prompt, sampling, image or tool settings over an existing output is refused
+(exit 2, naming the settings that differ) unless --overwrite. --overwrite never deletes an input: an
+output prefix that holds an input (or lies inside one) is refused.
+
+One job writes an output prefix at a time: the job holds OUTPUT/_lease while it runs, and a second job
+on that prefix stops at once (exit 4) without touching it, until the first one ends or its heartbeat is
+older than batch.output_lease_ttl_s (it died).
 
 Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output,
-3 the run finished but some input rows have no output row (the manifest says incomplete; rerun to finish).
+3 the run finished but some input rows have no output row (the manifest says incomplete; rerun to finish),
+4 another job is writing the output prefix (nothing was changed; retry later or pick another prefix).
 """
 from __future__ import annotations
 
@@ -66,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a config field, e.g. engine.max_num_seqs=128 (repeatable)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the output prefix and start over (default: resume a partial output, leave a "
-                        "complete one as it is)")
+                        "complete one as it is); refused while another job writes there, or when the prefix "
+                        "holds an input")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (input rows and duplicates, stages, replicas, placement, expected "
                         "memory per replica) and exit; starts no engine and takes no GPU")
@@ -76,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, load_input_list
+    from pipeline.batch import InputError, OutputExistsError, OutputInUseError, load_input_list
     from pipeline.batch_job import run_batch_job
     from pipeline.checkpoint import CheckpointError
 
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, CheckpointError, OutputExistsError) as exc:
         logger.error("%s", exc)
         return 2
+    except OutputInUseError as exc:
+        logger.error("%s", exc)
+        return 4
     summary = {"output": manifest["output"], "status": manifest["status"], **manifest["counts"],
                **manifest["throughput"]}
     logger.info("summary: %s", json.dumps(summary))

@@ -24,7 +24,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from . import records as R
-from .checkpoint import CheckpointError, CheckpointInfo, check_checkpoint, inspect_checkpoint, read_checkpoint_file
+from .checkpoint import (CheckpointError, CheckpointInfo, check_checkpoint, check_loadable, inspect_checkpoint,
+                         read_checkpoint_file)
 from .config import ConfigError, PipelineConfig
 from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
@@ -34,14 +35,16 @@ from .manifest import build_manifest
 from .prepare import PrepareRecords
 from .progress import RunProgress
 from .report import write_run_report
-from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, enable_checkpointing,
-                     end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
+from .output_lease import OutputInUseError, OutputLease, interrupt_driver
+from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, check_output_apart,
+                     enable_checkpointing, end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
 from .runtime import init_ray
 from .storage import join, make_filesystem, read_text, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_NAME", "InputError", "OutputExistsError", "build_caption_dataset", "run_caption"]
+__all__ = ["MANIFEST_NAME", "InputError", "OutputExistsError", "OutputInUseError", "build_caption_dataset",
+           "run_caption"]
 
 
 # One parquet file or prefix, or an explicit list of parquet files (all local or all s3://).
@@ -80,6 +83,7 @@ def plan_model(config: PipelineConfig) -> ModelPlan:
     if config.engine.normalize_images_on_device and info.architecture != GEMMA3_ARCHITECTURE:
         raise CheckpointError(f"{source} is a {info.architecture}, but engine.normalize_images_on_device "
                               f"only applies to {GEMMA3_ARCHITECTURE}; set it to false")
+    check_loadable(info, config.storage, maps_transformers_siglip=config.engine.normalize_images_on_device)
     preprocessor = read_checkpoint_file(source, "preprocessor_config.json", config.storage)
     target = image_target(json.loads(preprocessor) if preprocessor else None, config.images.target_size_px)
     generation = read_checkpoint_file(source, "generation_config.json", config.storage)
@@ -307,10 +311,26 @@ def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *,
 
     Rerunning after a crash resumes: only rows without output are processed, each input row ends with
     exactly one output row; a complete output is left as it is (its manifest is returned) unless
-    `overwrite` (pipeline.resume).
+    `overwrite` (pipeline.resume). The job holds the output prefix's writer lease from before it looks at
+    the prefix until after the manifest; another live job's lease refuses this one (OutputInUseError)
+    before anything is changed (pipeline.output_lease).
     """
     started = time.time()
     config = config.with_absolute_paths()
+    check_output_apart(input_uri, output_uri)
+    lease = OutputLease.for_output(config.storage, output_uri, ttl_s=config.batch.output_lease_ttl_s,
+                                   on_lost=interrupt_driver())
+    with lease:  # first: a job refused here has read nothing else and changed nothing
+        try:
+            return _run_holding_lease(config, input_uri, output_uri, overwrite, lease, started)
+        except KeyboardInterrupt:
+            if lease.lost:  # the heartbeat interrupted this run: another job took the prefix over
+                lease.check_held()
+            raise
+
+
+def _run_holding_lease(config: PipelineConfig, input_uri: InputUri, output_uri: str, overwrite: bool,
+                       lease: OutputLease, started: float) -> dict[str, Any]:
     model = plan_model(config)
     check_tools(config)
     output = prepare_output(config, input_uri, output_uri, overwrite=overwrite)
@@ -331,9 +351,12 @@ def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *,
             dataset.write_parquet(output.path, filesystem=output.filesystem,
                                   max_rows_per_file=config.batch.rows_per_file)
     except BaseException as exc:
-        fail_attempt(config, output, input_uri, attempt, exc, **stop_row_ledger(ledger))
+        engine = stop_row_ledger(ledger)
+        if not lease.lost:  # a job that lost the prefix leaves its new owner's _attempts.json alone
+            fail_attempt(config, output, input_uri, attempt, exc, **engine)
         raise
     engine = stop_row_ledger(ledger)
+    lease.check_held()
     finished = time.time()
     written = pads.dataset(output.path, filesystem=output.filesystem, format="parquet")
     manifest = build_manifest(

@@ -201,13 +201,14 @@ class S3LedgerStore:
         return f"s3://{self.bucket}/{self.prefix}{name}"
 
 
-def open_store(storage: StorageSection, output_uri: str) -> LedgerStore:
-    """The ledger store under `output_uri`/_ledger, on S3 or a local directory."""
+def open_store(storage: StorageSection, output_uri: str, directory: str = LEDGER_DIR) -> LedgerStore:
+    """The store under `output_uri`/`directory` (the ledger's, or a job's writer lease,
+    pipeline.output_lease), on S3 or a local directory."""
     if is_s3(output_uri):
         bucket, key = split_s3(output_uri.rstrip("/") + "/")
-        return S3LedgerStore(make_s3_client(storage), bucket, key + LEDGER_DIR)
+        return S3LedgerStore(make_s3_client(storage), bucket, key + directory)
     local = output_uri[len("file://"):] if output_uri.startswith("file://") else output_uri
-    return LocalLedgerStore(Path(local).resolve() / LEDGER_DIR)
+    return LocalLedgerStore(Path(local).resolve() / directory)
 
 
 # ------------------------------------------------------------------ the ledger

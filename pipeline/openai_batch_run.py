@@ -31,6 +31,8 @@ from .openai_batch_stages import (
     custom_ids,
     read_request_lines,
 )
+from .output_lease import OutputLease, interrupt_driver
+from .resume import check_output_apart, delete_entries, output_entries
 from .runtime import init_ray
 from .storage import join, make_filesystem, read_json, write_json
 
@@ -159,16 +161,27 @@ def run_openai_batch(config: PipelineConfig, inputs: Sequence[str], output_uri: 
 
     started = time.time()
     config = config.with_absolute_paths()
-    model = plan_model(config)
-    _refuse_or_clear_output(config, output_uri, overwrite)
-    init_ray(config)
-    plan = plan_requests(config, inputs)
-    dataset = build_openai_batch_dataset(config, plan, model)
-    sink = OpenAIBatchSink(config.storage, output_uri, config.batch.rows_per_file)
-    dataset.write_datasink(sink)
-    finished = time.time()
-    manifest = build_manifest(config, plan, output_uri, sink.result or {}, model, started, finished)
-    write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
+    check_output_apart(list(inputs), output_uri)
+    # One writer per output prefix, as for parquet jobs (pipeline.output_lease).
+    lease = OutputLease.for_output(config.storage, output_uri, ttl_s=config.batch.output_lease_ttl_s,
+                                   on_lost=interrupt_driver())
+    with lease:
+        try:
+            model = plan_model(config)
+            _refuse_or_clear_output(config, output_uri, overwrite)
+            init_ray(config)
+            plan = plan_requests(config, inputs)
+            dataset = build_openai_batch_dataset(config, plan, model)
+            sink = OpenAIBatchSink(config.storage, output_uri, config.batch.rows_per_file)
+            dataset.write_datasink(sink)
+        except KeyboardInterrupt:
+            if lease.lost:
+                lease.check_held()
+            raise
+        lease.check_held()
+        finished = time.time()
+        manifest = build_manifest(config, plan, output_uri, sink.result or {}, model, started, finished)
+        write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
     logger.info("wrote %d lines (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
                 manifest["counts"]["errors"], output_uri, finished - started)
     return manifest
@@ -177,7 +190,7 @@ def run_openai_batch(config: PipelineConfig, inputs: Sequence[str], output_uri: 
 def _refuse_or_clear_output(config: PipelineConfig, output_uri: str, overwrite: bool) -> None:
     """As the parquet job does: an output prefix that holds files needs --overwrite, which empties it."""
     filesystem, path = make_filesystem(config.storage, output_uri)
-    entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    entries = output_entries(filesystem, path)
     if not entries:
         return
     if not overwrite:
@@ -185,7 +198,7 @@ def _refuse_or_clear_output(config: PipelineConfig, output_uri: str, overwrite: 
             "files from an earlier run"
         raise OutputExistsError(f"{output_uri} already holds {state}; pass --overwrite to replace it")
     logger.warning("overwriting %s (%d entries)", output_uri, len(entries))
-    filesystem.delete_dir_contents(path, missing_dir_ok=True)
+    delete_entries(filesystem, entries)
 
 
 def build_manifest(config: PipelineConfig, plan: RequestFilesPlan, output_uri: str, written: dict[str, Any],

@@ -85,8 +85,14 @@ def memory_estimate(config: PipelineConfig, weights_bytes: Optional[int],
     return estimate
 
 
-def output_state(fs: pafs.FileSystem, path: str, overwrite: bool) -> str:
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+def output_state(fs: pafs.FileSystem, path: str, overwrite: bool, in_use_by: Optional[str] = None) -> str:
+    """What the output prefix holds and what the run would do with it; `in_use_by` names a live job that
+    holds the prefix's writer lease (the run would be refused, whatever it holds)."""
+    from .resume import output_entries
+
+    if in_use_by:
+        return f"in use by another job ({in_use_by}): the run would be refused (exit 4)"
+    entries = output_entries(fs, path)
     if not entries:
         return "empty: the run writes here"
     finished = any(e.base_name == "_manifest.json" for e in entries)
@@ -94,6 +100,17 @@ def output_state(fs: pafs.FileSystem, path: str, overwrite: bool) -> str:
     if overwrite:
         return f"holds {held} ({len(entries)} entries): --overwrite replaces it"
     return f"holds {held} ({len(entries)} entries): the run refuses it without --overwrite"
+
+
+def lease_holder(config: PipelineConfig, output_uri: str) -> Optional[str]:
+    """The live job holding the output's writer lease, described, or None (read only: takes nothing)."""
+    from .output_lease import OutputLease, describe
+
+    lease = OutputLease.for_output(config.storage, output_uri, ttl_s=config.batch.output_lease_ttl_s)
+    current = lease.holder()
+    if current is None or lease.is_stale(current[1]):
+        return None
+    return describe(current[1], lease.clock())
 
 
 def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, output_uri: str, output: str,
@@ -141,16 +158,18 @@ def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, outp
 def plan_run(config: PipelineConfig, input_uri: str, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Inspect model, input and output as the job would, and return the plan (no engine, no GPU)."""
     from .batch import plan_input, plan_model
+    from .resume import check_output_apart
     from .runtime import init_ray
     from .storage import make_filesystem
 
     config = config.with_absolute_paths()
+    check_output_apart(input_uri, output_uri)
     model_plan = plan_model(config)
     raw = read_checkpoint_file(config.model.source, "config.json", config.storage)
     model_config = json.loads(raw) if raw else {}
     weights = checkpoint_weight_bytes(config.model.source, config.storage)
     fs, path = make_filesystem(config.storage, output_uri)
-    state = output_state(fs, path, overwrite)
+    state = output_state(fs, path, overwrite, lease_holder(config, output_uri))
     init_ray(config)
     input_plan = plan_input(config, input_uri)
     return build_plan(config, input_plan=input_plan, model_plan=model_plan, output_uri=output_uri,

@@ -9,11 +9,17 @@ The output prefix holds, besides the data files:
     _checkpoint/     Ray Data's checkpoint: the row keys of every committed output file; deleted once
                      the manifest says complete
 
-How a rerun decides (`prepare_output`): a complete manifest for the same input -> nothing to do (exit 0);
-for another input -> refused; files without a complete manifest -> resume, if the input files and the
-output-shaping config are those the earlier attempts recorded (otherwise refused: the row keys are
-positions in the input files, and mixing two configs' answers in one output would go unnoticed);
-`--overwrite` -> delete everything and start over.
+One job at a time per prefix: the job holds the prefix's writer lease (pipeline.output_lease, `_lease/`)
+from before `prepare_output` to after the manifest, so a second job is refused before it changes anything.
+An input inside the output prefix (or the output inside an input prefix) is refused (`check_output_apart`):
+--overwrite would delete the input, and a rerun would read its own output as input.
+
+How a rerun decides (`prepare_output`): a complete manifest for the same input and output-shaping settings
+-> nothing to do (exit 0); for another input, or made with other settings -> refused, naming the settings
+that differ (the old answers are not what this config asks for); files without a complete manifest ->
+resume, if the input files and the output-shaping settings are those the earlier attempts recorded
+(otherwise refused: the row keys are positions in the input files, and mixing two configs' answers in
+one output would go unnoticed); `--overwrite` -> delete everything but the lease and start over.
 
 Why Ray Data's checkpointing (`enable_checkpointing`), keyed on R.ROW_HASH rather than `id`: its filter
 runs right after the read, so the key must exist in the rows the reader yields, and it must be unique and
@@ -49,7 +55,8 @@ import pyarrow.fs as pafs
 
 from . import records as R
 from .config import PipelineConfig
-from .storage import abort_multipart_uploads, join, make_filesystem, read_json, write_json
+from .output_lease import LEASE_DIR
+from .storage import abort_multipart_uploads, is_s3, join, make_filesystem, read_json, split_s3, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,7 @@ class OutputState:
     mode: Literal["fresh", "resume", "complete"]
     input_fingerprint: dict[str, Any]
     output_config: str
+    output_settings: dict[str, Any] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     manifest: Optional[dict[str, Any]] = None
     rows_done: int = 0
@@ -112,43 +120,145 @@ def fingerprint_input(config: PipelineConfig, input_uri: str | list[str]) -> dic
     return {"files": len(ordered), "bytes": sum(s for _, s in ordered), "digest": digest}
 
 
-def output_config_digest(config: PipelineConfig) -> str:
-    """A hash of the settings that shape output rows (model, sampling, images, tools, prompts, columns).
+def output_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The settings that shape output rows (model, sampling, images, fetch, tools, prompts, templates,
+    columns): the run's config fingerprint, stored in _attempts.json and the manifest.
 
     Engine sizing, replicas, batch sizes and storage may change between attempts (a rerun on fewer GPUs);
-    these may not.
+    these may not. Chat templates count by content, not only by path.
     """
     batch = config.batch
-    shaping = {
+    return {
         "model": config.model.model_dump(mode="json"),
         "sampling": config.sampling.model_dump(mode="json"),
         "images": config.images.model_dump(mode="json"),
         "fetch": config.fetch.model_dump(mode="json"),
         "tools": config.tools.model_dump(mode="json"),
         "chat_template": config.engine.chat_template,
+        "template_sha256": {name: _file_sha256(path) for name, path in
+                            (("engine.chat_template", config.engine.chat_template),
+                             ("tools.chat_template", config.tools.chat_template)) if path},
         "batch": {"default_prompt": batch.default_prompt, "default_system": batch.default_system,
                   "passthrough_columns": batch.passthrough_columns},
     }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_config_digest(config: PipelineConfig) -> str:
+    """A short hash of `output_settings`."""
+    return _digest(output_settings(config))
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any],
+                         defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """The dotted names of the settings that differ between two `output_settings` (sorted).
+
+    A setting the recorded run did not know (a field added to the config since) counts only when it is
+    set away from its default (`defaults`: the `output_settings` of the default config); a setting that
+    no longer exists does not count. So a new release with new fields does not disown old outputs."""
+    old, new = _flatten(recorded), _flatten(current)
+    base = _flatten(defaults) if defaults is not None else {}
+    differing = {key for key in old.keys() & new.keys() if old[key] != new[key]}
+    differing |= {key for key in new.keys() - old.keys() if key not in base or base[key] != new[key]}
+    return sorted(differing)
+
+
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _check_same_settings(state: OutputState, recorded: dict[str, Any], uri: str, what: str) -> None:
+    """Refuse an output made with other output-shaping settings, naming them. Outputs written before the
+    fingerprint was recorded (no `output_config`) are taken as they are."""
+    previous = recorded.get("output_config")
+    if previous is None or previous == state.output_config:
+        return
+    differing: list[str] = []
+    if isinstance(recorded.get("output_settings"), dict):
+        differing = settings_differences(recorded["output_settings"], state.output_settings,
+                                         output_settings(PipelineConfig()))
+        if not differing:  # only settings added since, at their defaults
+            return
+    named = (f" ({', '.join(differing[:8])}{' ...' if len(differing) > 8 else ''} differ)" if differing else "")
+    advice = ("resuming would mix two configurations' answers" if what == "holds a partial output" else
+              "its answers are not what this config asks for")
+    raise OutputExistsError(
+        f"{uri} {what} made with other model, sampling, image, tool or prompt settings{named}; {advice}. "
+        "Rerun with the same config, use another output prefix, or pass --overwrite to start over")
+
+
+def check_output_apart(inputs: str | list[str], output_uri: str) -> None:
+    """Refuse an output prefix that holds an input (equal, or the input under it; --overwrite would delete
+    it, and the output's reader would take it for output rows) or that lies inside an input prefix (a
+    rerun would read this run's output as input)."""
+    output = _location(output_uri)
+    for uri in [inputs] if isinstance(inputs, str) else inputs:
+        source = _location(uri)
+        if source[0] != output[0]:
+            continue
+        if _within(source[1], output[1]):
+            raise OutputExistsError(
+                f"the output prefix {output_uri} contains the input {uri}: refused (--overwrite would delete "
+                "the input); write the output to a prefix outside the input")
+        if _within(output[1], source[1]):
+            raise OutputExistsError(
+                f"the output prefix {output_uri} lies inside the input prefix {uri}: refused (a rerun would "
+                "read this run's output as input); write the output to a prefix outside the input")
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(filesystem, normalized path): `s3` and bucket/key, or `local` and the real absolute path."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return "s3", "/".join(part for part in f"{bucket}/{key}".split("/") if part)
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    return "local", os.path.realpath(os.path.abspath(local))
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
 def prepare_output(config: PipelineConfig, input_uri: str, output_uri: str, *, overwrite: bool) -> OutputState:
     """Decide fresh / resume / complete for `output_uri`, clear it for --overwrite, and abort the
-    multipart uploads a killed writer left under it. Raises OutputExistsError when a rerun must not go on."""
+    multipart uploads a killed writer left under it. Raises OutputExistsError when a rerun must not go on.
+
+    Call it holding the prefix's lease (pipeline.output_lease), which it leaves in place."""
     fs, path = make_filesystem(config.storage, output_uri)
+    settings = output_settings(config)
     state = OutputState(uri=output_uri, filesystem=fs, path=path, mode="fresh",
                         input_fingerprint=fingerprint_input(config, input_uri),
-                        output_config=output_config_digest(config))
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+                        output_config=_digest(settings), output_settings=settings)
+    entries = output_entries(fs, path)
     if entries and overwrite:
         logger.warning("--overwrite: deleting %s (%d entries)", output_uri, len(entries))
-        fs.delete_dir_contents(path, missing_dir_ok=True)
+        delete_entries(fs, entries)
         entries = []
     manifest = read_json(config.storage, join(output_uri, MANIFEST_NAME)) if entries else None
     record = read_json(config.storage, join(output_uri, ATTEMPTS_NAME)) if entries else None
     state.attempts = list((record or {}).get("attempts", []))
     if manifest is not None and manifest.get("status") == "complete":
         _check_same_input(state, manifest, output_uri, "is complete")
+        _check_same_settings(state, manifest, output_uri, "is complete")
         state.mode, state.manifest = "complete", manifest
         _delete_checkpoint(state)  # left behind if the last run died right after its manifest
         logger.info("%s is already complete (%d rows for %d input rows); nothing to do (--overwrite redoes it)",
@@ -160,11 +270,7 @@ def prepare_output(config: PipelineConfig, input_uri: str, output_uri: str, *, o
                 f"{output_uri} holds files but no {ATTEMPTS_NAME}: not the output of a resumable run; "
                 "pass --overwrite to replace it")
         _check_same_input(state, record, output_uri, "holds a partial output")
-        if record.get("output_config") != state.output_config:
-            raise OutputExistsError(
-                f"{output_uri} holds a partial output made with other model, sampling, image, tool or prompt "
-                "settings; resuming would mix two configurations' answers. Rerun with the same config, or "
-                "pass --overwrite to start over")
+        _check_same_settings(state, {"output_config": "unrecorded", **record}, output_uri, "holds a partial output")
         state.mode = "resume"
         state.rows_done = count_committed_rows(state)
     state.aborted_uploads = abort_multipart_uploads(config.storage, output_uri)
@@ -172,6 +278,21 @@ def prepare_output(config: PipelineConfig, input_uri: str, output_uri: str, *, o
                 f" ({state.rows_done} rows already committed by {len(state.attempts)} earlier attempts)"
                 if state.mode == "resume" else "")
     return state
+
+
+def output_entries(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The top-level entries of the output prefix, less the writer lease."""
+    return [entry for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+            if entry.base_name != LEASE_DIR]
+
+
+def delete_entries(fs: pafs.FileSystem, entries: list[pafs.FileInfo]) -> None:
+    """Delete these entries (files, or folders with their contents): --overwrite, which keeps the lease."""
+    for entry in entries:
+        if entry.type == pafs.FileType.Directory:
+            fs.delete_dir(entry.path)
+        else:
+            fs.delete_file(entry.path)
 
 
 def _check_same_input(state: OutputState, recorded: dict[str, Any], uri: str, what: str) -> None:
@@ -208,7 +329,7 @@ def enable_checkpointing(dataset, state: OutputState) -> None:
 
 def begin_attempt(config: PipelineConfig, state: OutputState, input_uri: str) -> dict[str, Any]:
     """Record this run in _attempts.json before any row is processed; earlier runs still marked running
-    were killed (one job at a time per output prefix)."""
+    were killed (this job holds the prefix's lease, so no other job writes here now)."""
     for attempt in state.attempts:
         if attempt.get("status") == "running":
             attempt["status"] = "interrupted"
@@ -242,7 +363,8 @@ def fail_attempt(config: PipelineConfig, state: OutputState, input_uri: str, att
 def write_attempts(config: PipelineConfig, state: OutputState, input_uri: str) -> None:
     write_json(config.storage, join(state.uri, ATTEMPTS_NAME), {
         "input": input_uri, "output": state.uri, "input_fingerprint": state.input_fingerprint,
-        "output_config": state.output_config, "attempts": [_public(a) for a in state.attempts]})
+        "output_config": state.output_config, "output_settings": state.output_settings,
+        "attempts": [_public(a) for a in state.attempts]})
 
 
 def check_exactly_once(written: pads.Dataset, rows_in: int) -> dict[str, Any]:
@@ -258,6 +380,7 @@ def finish_manifest(manifest: dict[str, Any], state: OutputState, exactly_once: 
     manifest["status"] = "complete" if exactly_once["exactly_once"] else "incomplete"
     manifest["input_fingerprint"] = state.input_fingerprint
     manifest["output_config"] = state.output_config
+    manifest["output_settings"] = state.output_settings
     manifest["resume"] = {"row_key": R.ROW_HASH, **exactly_once}
     manifest["attempts"] = [_public(a) for a in state.attempts]
     return manifest

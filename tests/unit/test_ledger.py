@@ -162,3 +162,11 @@ def test_stale_record(tmp_path):
     clock.now += 101
     assert ledger.is_stale(record)
     assert not ledger.is_stale({**record, "status": FAILED})
+
+
+def test_open_store_in_another_folder_of_the_output(tmp_path):
+    """The writer lease (pipeline.output_lease) keeps its objects beside the ledger's, with the same store."""
+    store = open_store(StorageSection(), str(tmp_path / "out"), "_lease")
+    assert store.create("000001.json", b"a") and not store.create("000001.json", b"b")
+    assert store.uri("000001.json") == str(tmp_path / "out" / "_lease" / "000001.json")
+    assert open_store(StorageSection(), str(tmp_path / "out")).list("") == []

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import PipelineConfig
+from pipeline.output_lease import LEASE_DIR
 from pipeline.resume import (ATTEMPTS_NAME, CHECKPOINT_DIR, MANIFEST_NAME, OutputExistsError, begin_attempt,
-                             check_exactly_once, end_attempt, fingerprint_input, output_config_digest,
-                             prepare_output)
+                             check_exactly_once, check_output_apart, end_attempt, fingerprint_input,
+                             output_config_digest, output_settings, prepare_output, settings_differences)
 from pipeline.storage import write_json
 
 
@@ -65,8 +66,10 @@ def test_partial_output_resumes_and_counts_committed_rows(config, input_uri, tmp
 
 
 @pytest.mark.parametrize("override, message", [
-    pytest.param("sampling.max_tokens=12", "other model, sampling", id="sampling-changed"),
-    pytest.param("batch.default_prompt=Other", "other model, sampling", id="prompt-changed"),
+    pytest.param("sampling.max_tokens=12", r"other model, sampling.* \(sampling.max_tokens differ\)",
+                 id="sampling-changed"),
+    pytest.param("batch.default_prompt=Other", r"other model, sampling.* \(batch.default_prompt differ\)",
+                 id="prompt-changed"),
 ])
 def test_partial_output_refuses_another_output_config(config, input_uri, tmp_path, override, message):
     output = tmp_path / "out"
@@ -147,3 +150,114 @@ def test_local_json_is_replaced_atomically(config, tmp_path):
     write_json(config.storage, str(target), {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in target.parent.iterdir()] == ["doc.json"], "no temporary file left behind"
+
+
+def _complete(config, input_uri, output: Path) -> dict:
+    """A complete output as run_caption leaves it: data, and a manifest with the run's fingerprint."""
+    state = prepare_output(config, input_uri, str(output), overwrite=False)
+    _write_rows(output, "data-0.parquet", [1, 2, 3])
+    manifest = {"status": "complete", "counts": {"rows_in": 3, "rows_out": 3},
+                "input_fingerprint": state.input_fingerprint, "output_config": state.output_config,
+                "output_settings": state.output_settings}
+    write_json(config.storage, str(output / MANIFEST_NAME), manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("overrides, named", [
+    pytest.param(["batch.default_prompt=Say something else."], "batch.default_prompt", id="prompt"),
+    pytest.param(["batch.default_system=Be terse."], "batch.default_system", id="system"),
+    pytest.param(["sampling.temperature=0.9", "sampling.max_tokens=7"], "sampling.max_tokens, sampling.temperature",
+                 id="sampling"),
+    pytest.param(["images.target_size_px=448"], "images.target_size_px", id="image-size"),
+    pytest.param(["model.source=other/model"], "model.source", id="model"),
+    pytest.param(["tools.builtins=[calculate]"], "tools.builtins", id="tools"),
+])
+def test_complete_output_made_with_other_settings_is_refused_naming_them(config, input_uri, tmp_path, overrides,
+                                                                          named):
+    output = tmp_path / "out"
+    manifest = _complete(config, input_uri, output)
+    assert prepare_output(config, input_uri, str(output), overwrite=False).complete, "same settings: a no-op"
+    changed = PipelineConfig.load(overrides=overrides, environ={})
+    with pytest.raises(OutputExistsError) as refused:
+        prepare_output(changed, input_uri, str(output), overwrite=False)
+    assert str(refused.value) == (
+        f"{output} is complete made with other model, sampling, image, tool or prompt settings ({named} differ); "
+        "its answers are not what this config asks for. Rerun with the same config, use another output prefix, "
+        "or pass --overwrite to start over")
+    assert json.loads((output / MANIFEST_NAME).read_text()) == manifest, "the refused run changed nothing"
+    state = prepare_output(changed, input_uri, str(output), overwrite=True)
+    assert state.mode == "fresh" and not (output / MANIFEST_NAME).exists()
+
+
+def test_chat_template_counts_by_content(tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{{ messages }}")
+    config = PipelineConfig.load(overrides=[f"engine.chat_template={template}"], environ={})
+    before = output_settings(config)
+    template.write_text("{{ messages | reverse }}")
+    assert settings_differences(before, output_settings(config)) == ["template_sha256.engine.chat_template"]
+
+
+def test_settings_differences_names_changed_keys_and_new_ones_off_their_default():
+    recorded, current = {"a": {"b": 1, "c": 2}, "gone": None}, {"a": {"b": 1, "c": 3}, "new": 1, "other": 5}
+    assert settings_differences(recorded, current, defaults={"new": 1, "other": 0}) == ["a.c", "other"]
+
+
+@pytest.mark.parametrize("value, refused", [pytest.param(None, False, id="new-setting-at-its-default"),
+                                            pytest.param("12", True, id="new-setting-changed")])
+def test_a_setting_added_since_the_output_was_written(config, input_uri, tmp_path, value, refused):
+    """An output written before a release added a field: the field at its default does not disown it."""
+    output = tmp_path / "out"
+    manifest = _complete(config, input_uri, output)
+    del manifest["output_settings"]["sampling"]["max_tokens"]
+    manifest["output_config"] = "written-by-an-older-release"
+    write_json(config.storage, str(output / MANIFEST_NAME), manifest)
+    current = config if value is None else PipelineConfig.load(overrides=[f"sampling.max_tokens={value}"],
+                                                               environ={})
+    if refused:
+        with pytest.raises(OutputExistsError, match=r"\(sampling.max_tokens differ\)"):
+            prepare_output(current, input_uri, str(output), overwrite=False)
+    else:
+        assert prepare_output(current, input_uri, str(output), overwrite=False).complete
+
+
+def test_the_lease_is_not_output_and_survives_overwrite(config, input_uri, tmp_path):
+    output = tmp_path / "out"
+    (output / LEASE_DIR).mkdir(parents=True)
+    (output / LEASE_DIR / "000001.json").write_text("{}")
+    assert prepare_output(config, input_uri, str(output), overwrite=False).mode == "fresh"
+    _write_rows(output, "data-0.parquet", [1])
+    (output / "nested").mkdir()
+    (output / "nested" / "x.parquet").write_bytes(b"x")
+    prepare_output(config, input_uri, str(output), overwrite=True)
+    assert [p.name for p in output.iterdir()] == [LEASE_DIR]
+    assert (output / LEASE_DIR / "000001.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("inputs, output, refused", [
+    pytest.param("s3://b/out/in", "s3://b/out", "contains the input", id="s3-input-under-output"),
+    pytest.param("s3://b/out/", "s3://b/out", "contains the input", id="s3-equal"),
+    pytest.param(["s3://b/x/a.parquet", "s3://b/out/b.parquet"], "s3://b/out//", "contains the input",
+                 id="s3-listed-file-under-output"),
+    pytest.param("s3://b/in", "s3://b/in/out", "lies inside the input prefix", id="s3-output-under-input"),
+    pytest.param("s3://b/out-in", "s3://b/out", None, id="s3-sibling-sharing-a-name-prefix"),
+    pytest.param("s3://other/out/in", "s3://b/out", None, id="s3-other-bucket"),
+    pytest.param("/data/out/in", "s3://data/out", None, id="local-and-s3"),
+])
+def test_check_output_apart(inputs, output, refused):
+    if refused is None:
+        check_output_apart(inputs, output)
+    else:
+        with pytest.raises(OutputExistsError, match=refused):
+            check_output_apart(inputs, output)
+
+
+def test_check_output_apart_resolves_local_paths_and_symlinks(tmp_path, monkeypatch):
+    (tmp_path / "out" / "in").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "out" / "in")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputExistsError, match="contains the input"):
+        check_output_apart(str(tmp_path / "link"), "out")
+    with pytest.raises(OutputExistsError, match="contains the input"):
+        check_output_apart("file://" + str(tmp_path / "out" / "in" / ".." / "in"), "./out/")
+    check_output_apart(str(tmp_path / "other"), "out")
