@@ -137,6 +137,7 @@ class OutputLease:
                     "heartbeat); nothing was changed: wait for that job, or use another output prefix")
             if not checked:  # only now do we write: a refused job leaves the prefix untouched
                 Ledger(self.store, lease_s=self.ttl_s).check_exclusive_create()
+                _remove_empty_local_dirs(self.store, root=False)
                 checked = True
             generation = 1 if current is None else current[0] + 1
             now = self.clock()
@@ -166,7 +167,7 @@ class OutputLease:
                 return
             if self._still_ours():
                 self.store.delete(_name(self.generation))
-                _remove_empty_local_dir(self.store)
+                _remove_empty_local_dirs(self.store, root=True)
             self.generation = None
 
     # -------------------------------------------------------------- heartbeat
@@ -265,10 +266,11 @@ def _dumps(record: dict[str, Any]) -> bytes:
     return json.dumps(record, indent=1, default=str).encode()
 
 
-def _remove_empty_local_dir(store: LedgerStore) -> None:
-    root = getattr(store, "root", None)
-    for folder in (root / "probes", root) if root is not None else ():
+def _remove_empty_local_dirs(store: LedgerStore, root: bool) -> None:
+    """On a local disk, the folders the probe (and, at release, the lease) leave empty."""
+    folder = getattr(store, "root", None)
+    for empty in ((folder / "probes", folder) if root else (folder / "probes",)) if folder is not None else ():
         try:
-            folder.rmdir()  # only when empty
+            empty.rmdir()  # only when empty
         except OSError:
             pass

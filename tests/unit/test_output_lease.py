@@ -215,3 +215,34 @@ def test_overwrite_refuses_an_output_that_holds_the_input(tmp_path, caplog, layo
         code = caption.main(["--input", str(records), "--output", str(out), "--overwrite"])
     assert code == 2 and f"the output prefix {out} contains the input {records}" in caplog.text
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "the input is intact"
+
+
+def test_an_openai_batch_job_is_refused_too(tmp_path, caplog):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+    out = tmp_path / "out"
+    holder = OutputLease.for_output(StorageSection(), str(out), ttl_s=TTL).acquire()
+    with caplog.at_level(logging.INFO):
+        code = caption.main(["--input", str(requests), "--output", str(out), "--overwrite"])
+    assert code == 4 and "input format: openai-batch" in caplog.text
+    assert f"output {out} is in use by another job (job {holder.job_id}" in caplog.text
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert written == [LEASE_DIR, f"{LEASE_DIR}/000001.json"], "nothing else was written"
+    holder.release()
+
+
+def test_the_dry_run_names_the_holder(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.config import PipelineConfig
+    from pipeline.plan import lease_holder, output_state
+
+    config, out = PipelineConfig.load(environ={}), tmp_path / "out"
+    assert lease_holder(config, str(out)) is None
+    holder = OutputLease.for_output(config.storage, str(out), ttl_s=TTL).acquire()
+    held = lease_holder(config, str(out))
+    assert held.startswith(f"job {holder.job_id} on host {socket.gethostname()} pid {os.getpid()}")
+    assert output_state(pafs.LocalFileSystem(), str(out), False, held) == \
+        f"in use by another job ({held}): the run would be refused (exit 4)"
+    holder.release()
+    assert output_state(pafs.LocalFileSystem(), str(out), False, lease_holder(config, str(out))).startswith("empty")
