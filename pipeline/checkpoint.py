@@ -6,13 +6,18 @@ says what the checkpoint holds.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
+from .checkpoint_layout import INDEX_NAME, check_tensor_names, read_local_names, safetensors_header_names
 from .config import StorageSection
 from .storage import is_s3, make_s3_client, split_s3
 
@@ -33,6 +38,9 @@ KEEP_BF16_PROBES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "lm_head": {"vllm": ("language_model.lm_head", "lm_head"), "transformers": ("lm_head",)},
 }
+
+
+GEMMA3_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 
 
 class CheckpointError(ValueError):
@@ -67,17 +75,80 @@ def read_checkpoint_file(source: str, name: str, storage: StorageSection) -> Opt
     if local.is_dir():
         path = local / name
         return path.read_bytes() if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+    return _read_hub_file(source, name)
 
-        try:
-            return Path(hf_hub_download(source, name)).read_bytes()
-        except EntryNotFoundError:
-            return None
+
+def _read_hub_file(source: str, name: str) -> Optional[bytes]:
+    """One file of a Hugging Face hub repository (from the local cache when it is there); None when the
+    repository has no such file. Every other failure is one CheckpointError saying what failed:
+    unreachable, gated, not found or not authorised, without huggingface_hub's retry messages."""
+    try:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
     except ImportError as exc:  # huggingface_hub always comes with vLLM; this is for lean installs
         raise CheckpointError(f"{source} is neither a local directory nor s3://, and huggingface_hub "
                               "is not installed to fetch it") from exc
+    unreachable = (f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to read {source}, and its {name} "
+                   f"is not in the local cache; download it where the hub is reachable (`hf download {source} "
+                   "--local-dir DIR`) and pass DIR, or an s3:// copy, as the model")
+    if not constants.is_offline_mode() and not _resolves(constants.ENDPOINT):
+        # No DNS answer: huggingface_hub would retry for ~25 s before saying the same.
+        cached = try_to_load_from_cache(source, name)
+        if isinstance(cached, str):
+            return Path(cached).read_bytes()
+        raise CheckpointError(unreachable)
+    try:
+        with _quiet(_HUB_RETRY_LOGGER):
+            return Path(hf_hub_download(source, name)).read_bytes()
+    except RemoteEntryNotFoundError:
+        return None
+    except GatedRepoError:
+        raise CheckpointError(f"{source} is gated on the Hugging Face hub: accept its terms on the model page "
+                              "with your account, then give a token of that account (HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{source} was not found on the Hugging Face hub, or it is private and no token "
+                              "with access was given (HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{source}: the revision asked for does not exist on the Hugging Face hub") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+        # huggingface_hub reports a refused HEAD request as "not in the cache", caused by the HTTP error.
+        http_error = exc if isinstance(exc, HfHubHTTPError) else exc.__cause__
+        status = getattr(getattr(http_error, "response", None), "status_code", None)
+        if status is None:
+            if constants.is_offline_mode():
+                raise CheckpointError(f"HF_HUB_OFFLINE is set and {name} of {source} is not in the local Hugging "
+                                      "Face cache; pass a local directory or an s3:// prefix as the model") from None
+            raise CheckpointError(unreachable) from None
+        if status in (401, 403):
+            raise CheckpointError(f"the Hugging Face hub refused {source} (HTTP {status}): the token (HF_TOKEN) "
+                                  "is missing, wrong, or has no access") from None
+        raise CheckpointError(f"the Hugging Face hub failed reading {name} of {source}: HTTP {status}") from None
+
+
+# huggingface_hub logs a warning per retry ("Retrying in 8s [Retry 4/5]"); the outcome is reported once.
+_HUB_RETRY_LOGGER = "huggingface_hub.utils._http"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
+
+
+def _resolves(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (socket.gaierror, UnicodeError):
+        return False
 
 
 def inspect_checkpoint(source: str, storage: StorageSection) -> CheckpointInfo:
@@ -176,7 +247,7 @@ def checkpoint_weight_bytes(source: str, storage: StorageSection) -> Optional[in
     A sharded checkpoint's `model.safetensors.index.json` states the total; otherwise the files are
     sized by listing (local directory, s3:// prefix) or by the hub's file metadata.
     """
-    index = read_checkpoint_file(source, "model.safetensors.index.json", storage)
+    index = read_checkpoint_file(source, INDEX_NAME, storage)
     if index is not None:
         total = (json.loads(index).get("metadata") or {}).get("total_size")
         if isinstance(total, int):
@@ -198,3 +269,44 @@ def checkpoint_weight_bytes(source: str, storage: StorageSection) -> Optional[in
     except Exception as exc:  # the size only feeds an estimate; the dry run says it is unknown
         logger.warning("cannot size the weights of %s: %s", source, exc)
         return None
+
+
+def checkpoint_tensor_names(source: str, storage: StorageSection) -> Optional[list[str]]:
+    """Every tensor name of a checkpoint without reading a tensor: from the safetensors index, else from
+    the shards' headers (local, or ranged S3 reads), else from the hub's safetensors metadata. None
+    when the checkpoint has no safetensors."""
+    index = read_checkpoint_file(source, INDEX_NAME, storage)
+    if index is not None:
+        return list(json.loads(index)["weight_map"])
+    if is_s3(source):
+        client = make_s3_client(storage)
+        bucket, prefix = split_s3(source.rstrip("/") + "/")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".safetensors"))
+        names: list[str] = []
+        for key in keys:
+            (length,) = struct.unpack("<Q", client.get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read())
+            header = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=8-{7 + length}")["Body"].read()
+            names += safetensors_header_names(header)
+        return names or None
+    if Path(source).is_dir():
+        return read_local_names(Path(source)) or None
+    from huggingface_hub import HfApi
+
+    with _quiet(_HUB_RETRY_LOGGER):
+        return list(HfApi().get_safetensors_metadata(source).weight_map) or None
+
+
+def check_loadable(info: CheckpointInfo, storage: StorageSection, *, maps_transformers_siglip: bool) -> None:
+    """Raise CheckpointError, in one line, when vLLM's Gemma 3 would fail to load the checkpoint's tensors
+    (SigLIP layout, a tensor lost from a layer): found from the headers on the driver, before any engine
+    takes a GPU. Other architectures are left to the engine."""
+    if info.architecture != GEMMA3_ARCHITECTURE:
+        return
+    names = checkpoint_tensor_names(info.source, storage)
+    if names is None:
+        raise CheckpointError(f"{info.source} has no *.safetensors weights (vLLM's Gemma 3 loads safetensors)")
+    config = json.loads(read_checkpoint_file(info.source, "config.json", storage) or b"{}")
+    problems = check_tensor_names(names, config, maps_transformers_siglip=maps_transformers_siglip)
+    if problems:
+        raise CheckpointError(f"{info.source} cannot be loaded by vLLM's Gemma 3: {'; '.join(problems)}")

@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import GEMMA3_ARCHITECTURE  # noqa: F401  (re-exported: callers import it from here)
 from .config import PipelineConfig
 from .vllm_plugin import GEMMA3_FAST_IMAGES
-
-GEMMA3_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 
 
 def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Make an FP8-dynamic checkpoint from a bf16 Gemma 3 (or a fine-tune of it), verify it, and publish it.
 
     SRC (dir, s3://, Hugging Face id) --download--> llm-compressor `model_free_ptq` (FP8_DYNAMIC, data-free,
-    shard by shard) --> verify every tensor against the source + report --> DST (dir or s3://)
+    shard by shard) --> SigLIP tensors in Google's layout (what vLLM loads) --> verify every tensor
+    against the source + report --> DST (dir or s3://)
 
 FP8_DYNAMIC: weights float8_e4m3fn, one scale per output channel, symmetric, round-to-nearest, no
 calibration data; activations quantized per token at run time by the engine. `model_free_ptq` reads one
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import inspect_checkpoint
+from .checkpoint_layout import to_google_layout
 from .config import StorageSection
 from .quantize_report import (DEFAULT_MAX_LAYER_ERROR, REPORT_JSON, REPORT_MD, package_versions,
                               verify_checkpoint, write_report)
@@ -92,6 +94,8 @@ def run_quantize(source: str, output: str, storage: StorageSection,
 
         tick = time.time()
         quantize_shards(source_dir, output_dir, options)
+        # vLLM loads SigLIP only under Google's names; transformers 5 saves it under others.
+        renamed = to_google_layout(output_dir)
         timings["quantize"] = time.time() - tick
         tick = time.time()
         check = verify_checkpoint(source_dir, output_dir, options.max_layer_error)
@@ -101,6 +105,7 @@ def run_quantize(source: str, output: str, storage: StorageSection,
             "source": source, "output": output, "scheme": "fp8-dynamic",
             "scheme_description": SCHEME_DESCRIPTION, "ignore": list(options.ignore),
             "device": options.device or "auto", "versions": package_versions(), "check": check,
+            "layout": {"siglip": "google", "siglip_tensors_renamed": renamed},
         }
         if not check["passed"]:
             _finish(report, started, timings)

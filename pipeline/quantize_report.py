@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest
+from .checkpoint_layout import INDEX_NAME, to_google_name
 
 logger = logging.getLogger(__name__)
 
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
-INDEX_NAME = "model.safetensors.index.json"
 # Round-to-nearest to e4m3 (3 mantissa bits) is off by at most 2^-4 of a value in the normal range, so
 # a layer's relative error above that means something other than rounding went wrong. Real Gemma 3
 # layers sit near 2.6e-2 (NOTES §4).
@@ -110,6 +110,9 @@ def verify_checkpoint(source_dir: Path, output_dir: Path,
     import torch
 
     source_map, output_map = weight_map(source_dir), weight_map(output_dir)
+    # The output is written in Google's SigLIP layout whatever the source's (pipeline.checkpoint_layout):
+    # each output tensor is compared with the source tensor of the same name in that layout.
+    source_names = {to_google_name(name): name for name in source_map}
     layers: list[dict[str, Any]] = []
     kept: dict[str, list[str]] = defaultdict(list)
     problems: list[str] = []
@@ -118,10 +121,10 @@ def verify_checkpoint(source_dir: Path, output_dir: Path,
         for name in sorted(output_map):
             if name.endswith(".weight_scale"):
                 continue
-            if name not in source_map:
+            if name not in source_names:
                 problems.append(f"{name}: in the output but not in the source")
                 continue
-            original, written = source.get(name), output.get(name)
+            original, written = source.get(source_names[name]), output.get(name)
             scale_name = name.removesuffix("weight") + "weight_scale"
             if name.endswith(".weight") and scale_name in output_map:
                 scale = output.get(scale_name)
@@ -147,7 +150,7 @@ def verify_checkpoint(source_dir: Path, output_dir: Path,
             else:
                 problems.append(f"{name}: not quantized, yet differs from the source ({original.dtype} "
                                 f"{list(original.shape)} -> {written.dtype} {list(written.shape)})")
-    for name in sorted(set(source_map) - set(output_map)):
+    for name in sorted(set(source_names) - set(output_map)):
         problems.append(f"{name}: in the source but missing from the output")
     errors = [layer["relative_error"] for layer in layers]
     before, after = shard_bytes(source_dir), shard_bytes(output_dir)
@@ -186,6 +189,14 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
+def _layout(layout: dict[str, Any] | None) -> str:
+    if not layout:
+        return "as the source"
+    renamed = layout["siglip_tensors_renamed"]
+    return ("Google's (`vision_tower.vision_model.*`), as the source" if not renamed else
+            f"Google's: {renamed} SigLIP tensors renamed from transformers 5's `vision_tower.*` so that vLLM loads them")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     check, summary = report["check"], report["check"]["quantized_layers"]
     kept = report["check"]["kept_in_source_dtype"]
@@ -208,6 +219,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| weights (safetensors) | {_mb(sizes['before'])} -> {_mb(sizes['after'])} ({sizes['ratio']}x) |",
         f"| kept in bf16, bit-identical | {parts}; lm_head {kept['lm_head']} |",
         f"| ignore patterns | {', '.join(f'`{p}`' for p in report['ignore'])} |",
+        f"| tensor layout | {_layout(report.get('layout'))} |",
         f"| versions | {', '.join(f'{k} {v}' for k, v in report['versions'].items())} |",
         f"| wall time | {report['wall_s']:.1f} s ({timings}) |",
         "",

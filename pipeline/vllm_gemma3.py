@@ -12,6 +12,9 @@ benchmark machine's) has none. This is registered under its own architecture nam
 (`pipeline.vllm_plugin`) and chosen with `hf_overrides` (see `pipeline.engine`): the stock class is not
 replaced. Remove when vLLM's `mm_device_do_normalize` covers Gemma 3.
 
+It also loads both SigLIP key layouts (Google's, and transformers 5's `save_pretrained`), see
+`pipeline.checkpoint_layout`.
+
 The model's output is the same function of the pixels: uint8 -> float32 -> x * (rescale / std) - mean / std
 -> model dtype, the arithmetic the HF processor does, on another device.
 """
@@ -35,6 +38,8 @@ from vllm.model_executor.models.gemma3_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.v1.utils import record_function_or_nullcontext
+
+from .checkpoint_layout import to_google_name
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +143,11 @@ class Gemma3FastImagesForConditionalGeneration(Gemma3ForConditionalGeneration):
             return pixel_values  # already normalised (vLLM's own dummy inputs)
         dtype = next(self.vision_tower.parameters()).dtype
         return normalise_uint8_pixels(pixel_values, self._pixel_scale, self._pixel_offset, dtype)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Checkpoints saved by transformers 5 (fine-tunes) keep SigLIP under `vision_tower.*`, which the
+        # stock loader cannot find; moved to Google's `vision_tower.vision_model.*`, both layouts load.
+        return super().load_weights((to_google_name(name), tensor) for name, tensor in weights)
 
     def embed_multimodal(self, **kwargs: object):
         with record_function_or_nullcontext(VISION_SCOPE):

@@ -34,6 +34,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_transformers_layout(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 as a fine-tune saved today has it: SigLIP under transformers 5's `vision_tower.*`
+    names (not Google's), and shapes unlike `tiny_model`'s (TINY_ALT: 3 text layers, 2 vision layers)."""
+    from pipeline.testing.tiny_gemma3 import TINY_ALT, build_gemma3
+
+    return build_gemma3(tmp_path_factory.mktemp("models") / "tiny-gemma3-transformers", TINY_ALT, seed=1,
+                        layout="transformers")
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     from pipeline.testing.s3_server import S3Server
 

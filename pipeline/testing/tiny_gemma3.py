@@ -6,7 +6,8 @@ prompts have real token counts), Gemma's special tokens and chat template, and a
 trained here. `GEMMA3_12B` has Gemma-3-12b-it's exact shapes: throughput measured with it is faithful
 when the generated length is fixed.
 
-    python -m pipeline.testing.tiny_gemma3 OUT_DIR [--shape tiny|12b] [--device cpu|cuda]
+    python -m pipeline.testing.tiny_gemma3 OUT_DIR [--shape tiny|tiny-alt|12b] [--device cpu|cuda]
+                                           [--layout google|transformers]
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.checkpoint_layout import to_google_layout
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,14 @@ GEMMA3_12B = Gemma3Shape(hidden_size=3840, intermediate_size=15360, num_hidden_l
                          vision_hidden_size=1152, vision_intermediate_size=4304, vision_layers=27, vision_heads=16,
                          full_rope={"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                          max_position_embeddings=131072)
-SHAPES = {"tiny": TINY, "12b": GEMMA3_12B}
+# Other tiny shapes than TINY's, so that no code can pass on TINY's numbers alone: three text layers
+# (global attention on the third), wider heads, two vision layers, an odd intermediate size.
+TINY_ALT = Gemma3Shape(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=3,
+                       num_key_value_heads=3, head_dim=32, sliding_window=32, vocab_size=None,
+                       vision_hidden_size=48, vision_intermediate_size=96, vision_layers=2, vision_heads=3,
+                       sliding_pattern=3)
+SHAPES = {"tiny": TINY, "tiny-alt": TINY_ALT, "12b": GEMMA3_12B}
+LAYOUTS = ("google", "transformers")
 
 IMAGE_SIZE_PX = 896
 PATCH_SIZE_PX = 14
@@ -144,8 +154,16 @@ def _train_tokenizer(vocab: int, seed: int):
 
 
 def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, device: str = "cpu",
-                 seed: int = 0, tokenizer_vocab: int = 3000) -> Path:
-    """Write a complete random-weight checkpoint (weights, config, tokenizer, processor) to `out_dir`."""
+                 seed: int = 0, tokenizer_vocab: int = 3000, layout: str = "google",
+                 max_shard_size: str = "5GB") -> Path:
+    """Write a complete random-weight checkpoint (weights, config, tokenizer, processor) to `out_dir`.
+
+    `layout`: "google" keeps SigLIP under `vision_tower.vision_model.*`, as the published checkpoints do;
+    "transformers" leaves it where transformers 5's `save_pretrained` puts it (`vision_tower.*`), as any
+    fine-tune saved today has it (pipeline.checkpoint_layout).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, GenerationConfig,
@@ -210,9 +228,10 @@ def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, devic
         torch.set_default_dtype(previous_dtype)
     logger.info("built %s parameters in %.1fs", f"{sum(p.numel() for p in model.parameters()):,}",
                 time.time() - started)
-    model.save_pretrained(out, max_shard_size="5GB")
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     del model
-    _rename_vision_keys(out)
+    if layout == "google":
+        to_google_layout(out)
     GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=eos, pad_token_id=ids["<pad>"],
                      do_sample=False).save_pretrained(out)
     processor.save_pretrained(out)
@@ -227,39 +246,17 @@ def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, devic
     return out
 
 
-def _rename_vision_keys(out: Path) -> None:
-    """transformers 5 saves SigLIP as `vision_tower.embeddings...`; Google's checkpoints (and vLLM's
-    loader) use `vision_tower.vision_model.embeddings...`. Rewrite every shard and the index."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    def rename(key: str) -> str:
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            return "vision_tower.vision_model." + key[len("vision_tower."):]
-        return key
-
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(shard, "pt") as handle:
-            if all(rename(k) == k for k in handle.keys()):
-                continue  # only shards holding vision keys are rewritten (the 12B has 24 GB of others)
-        tensors = load_file(shard)
-        save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--device", default="cpu", help="where weights are initialised (cuda is fast for 12b)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=LAYOUTS, default="google",
+                        help="SigLIP tensor names: Google's, or transformers 5's save_pretrained")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build_gemma3(args.out, SHAPES[args.shape], device=args.device, seed=args.seed)
+    build_gemma3(args.out, SHAPES[args.shape], device=args.device, seed=args.seed, layout=args.layout)
     return 0
 
 

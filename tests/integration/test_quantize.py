@@ -1,5 +1,9 @@
 """jobs.quantize end to end: real llm-compressor in its own environment, then the result through the real
-batch pipeline (vLLM CPU engine, local Ray) and a real transformers reload.
+batch pipeline (vLLM CPU engine, local Ray), the real endpoint and a real transformers reload.
+
+Two sources: the tiny Gemma 3 in Google's layout, and one saved as transformers 5 saves a fine-tune today
+(SigLIP under `vision_tower.*`) with other shapes (`tiny_model_transformers_layout`). The second is
+quantized, captioned and served: the layout vLLM cannot load as it is must come out loadable.
 
 The tiny Gemma 3 is quantized once per module, as a subprocess of `.venv-quantize/bin/python` (llm-compressor
 cannot live in the vLLM environment these tests run in, NOTES §1). The checks then read its tensors
@@ -16,9 +20,10 @@ import torch
 from safetensors import safe_open
 
 from pipeline.checkpoint import check_checkpoint, inspect_checkpoint
+from pipeline.checkpoint_layout import check_tensor_names, has_transformers_siglip, to_google_name
 from pipeline.config import StorageSection
 from pipeline.testing.sample_data import sample_images
-from tests.conftest import TINY_CPU_CONFIG, run_job
+from tests.conftest import TINY_CPU_CONFIG, run_job, serve_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +53,48 @@ def fp8_model(tmp_path_factory, tiny_model, quantize_python):
                      python=quantize_python, timeout_s=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return output
+
+
+@pytest.fixture(scope="module")
+def fp8_transformers_layout_model(tmp_path_factory, tiny_model_transformers_layout, quantize_python):
+    output = tmp_path_factory.mktemp("quantized") / "alt-fp8"
+    result = run_job("jobs.quantize", "--model", str(tiny_model_transformers_layout), "--output", str(output),
+                     python=quantize_python, timeout_s=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return output
+
+
+def test_transformers_layout_comes_out_in_googles(tiny_model_transformers_layout, fp8_transformers_layout_model):
+    source, quantized = tensors(tiny_model_transformers_layout), tensors(fp8_transformers_layout_model)
+    assert has_transformers_siglip(source) and not has_transformers_siglip(quantized)
+    vision = [n for n in source if n.startswith("vision_tower.")]
+    linears = text_linear_names(source)
+    assert len(linears) == 7 * 3  # TINY_ALT: 3 text layers
+    assert set(quantized) == {to_google_name(n) for n in source} | {f"{m}.weight_scale" for m in linears}
+    for name in vision:  # renamed, and bit-identical
+        assert torch.equal(quantized[to_google_name(name)].view(torch.uint8), source[name].view(torch.uint8)), name
+    config = json.loads((fp8_transformers_layout_model / "config.json").read_text())
+    assert check_tensor_names(list(quantized), config, maps_transformers_siglip=False) == []
+    report = json.loads((fp8_transformers_layout_model / "quantization_report.json").read_text())
+    assert report["check"]["passed"] and report["check"]["quantized_layers"]["count"] == len(linears)
+    assert report["layout"] == {"siglip": "google", "siglip_tensors_renamed": len(vision)}
+    assert (f"Google's: {len(vision)} SigLIP tensors renamed from transformers 5's `vision_tower.*`"
+            in (fp8_transformers_layout_model / "quantization_report.md").read_text())
+
+
+def test_stock_loader_refuses_the_transformers_layout_in_one_line(tmp_path, tiny_model_transformers_layout):
+    """vLLM's own Gemma 3 class (our variant off) cannot load transformers 5's SigLIP names: the driver
+    says so before any engine or GPU is taken, in --dry-run too."""
+    images = sample_images(2)
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [s.data for s in images]}), tmp_path / "records.parquet")
+    result = run_job("jobs.caption", "--input", str(tmp_path / "records.parquet"), "--output", str(tmp_path / "out"),
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model_transformers_layout), "--dry-run",
+                     "--set", "engine.normalize_images_on_device=false", timeout_s=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot be loaded by vLLM's Gemma 3: it keeps SigLIP under `vision_tower.*`" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_text_linears_are_fp8_per_channel_and_the_rest_is_untouched(tiny_model, fp8_model):
@@ -114,7 +161,9 @@ def test_report_measures_every_layer(tiny_model, fp8_model):
     assert "vision tower (" in markdown and "llmcompressor 0.14.0.1" in markdown
 
 
-def test_batch_pipeline_runs_the_quantized_checkpoint(tmp_path, fp8_model):
+def test_batch_pipeline_runs_the_quantized_checkpoint(tmp_path, fp8_transformers_layout_model):
+    """The FP8 checkpoint made from a transformers 5 save, with TINY_ALT's shapes."""
+    fp8_model = fp8_transformers_layout_model
     images = sample_images(6)
     records = pa.table({"id": [f"img-{i}" for i in range(len(images))], "image": [s.data for s in images]})
     pq.write_table(records, tmp_path / "records.parquet")
@@ -133,6 +182,25 @@ def test_batch_pipeline_runs_the_quantized_checkpoint(tmp_path, fp8_model):
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["model"]["scheme"] == "fp8-dynamic"
     assert manifest["counts"]["rows_out"] == manifest["counts"]["ok"] == len(images)
+
+
+def test_endpoint_serves_it(tmp_path, fp8_transformers_layout_model):
+    """The same checkpoint behind `jobs.serve`, asked through the official openai client with an image."""
+    import base64
+
+    from openai import OpenAI
+
+    photo = sample_images(1)[0]
+    assert photo.kind == "photo"
+    url = "data:image/png;base64," + base64.b64encode(photo.data).decode()
+    with serve_endpoint(fp8_transformers_layout_model, tmp_path, ["alt-key"], "model.quantization=fp8-dynamic",
+                        "engine.max_model_len=1024") as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="alt-key", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model="gemma-3-12b-it", max_tokens=8, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "Describe the image."}]}])
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    assert reply.usage.prompt_tokens > 256, "the image's soft tokens reached the engine"
 
 
 def test_transformers_reloads_it_with_finite_image_logits(tiny_model, fp8_model, quantize_python, tmp_path):
