@@ -283,6 +283,21 @@ class BatchSection(_Section):
         return _check_concurrency(value, info.field_name)
 
 
+class RateLimit(_Section):
+    """One API key's share of the endpoint: token buckets that refill continuously over a minute."""
+
+    requests_per_minute: int = Field(
+        default=600, ge=1,
+        description="Requests per minute for one API key; a minute's worth may come as one burst.",
+    )
+    tokens_per_minute: int = Field(
+        default=200_000, ge=1,
+        description="Tokens per minute for one API key, counted when a request is admitted: an estimate of "
+        "its prompt (body characters / 4, 256 per image) plus what it may generate (max_tokens x n x "
+        "prompts). A request that alone needs more is a 400.",
+    )
+
+
 class ServeSection(_Section):
     """The online endpoint (`jobs.serve`, `pipeline.serve`): scaling, admission, auth and request limits."""
 
@@ -306,7 +321,7 @@ class ServeSection(_Section):
     target_ongoing_requests: float = Field(
         default=96, gt=0,
         description="Requests in flight per engine replica that the autoscaler aims for. Ray's default "
-        "(1e9) never scales up (NOTES §6). Lower scales out earlier (latency), higher packs replicas "
+        "(1e9) never scales up. Lower scales out earlier (latency), higher packs replicas "
         "(throughput); keep it below max_ongoing_requests.",
     )
     max_ongoing_requests: int = Field(
@@ -365,8 +380,58 @@ class ServeSection(_Section):
         default=None, ge=1,
         description="Largest max_tokens / max_completion_tokens a request may ask for (larger is a 400), "
         "and the limit when a request sets none. Bounds the time one request holds a batch slot. None "
-        "means half of engine.max_model_len (4096 for the default 8192).",
+        "means half of engine.max_model_len (4096 for the default 8192). It also caps the whole request: "
+        "max_tokens x n x prompts.",
     )
+    max_n: int = Field(
+        default=1, ge=1,
+        description="Largest n (and best_of) a request may ask for: each choice is a whole generation, so "
+        "n multiplies the work of one request. 1 unless configured.",
+    )
+    max_prompts_per_request: int = Field(
+        default=1, ge=1,
+        description="Largest list of prompts one /v1/completions request may carry (a list of strings or "
+        "of token-id lists; one list of token ids is one prompt). Each prompt is a whole generation.",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=8,
+        description="Deepest nesting of objects and arrays in a request body, checked before the body is "
+        "parsed. Requests need about 6 levels, tool schemas a few more.",
+    )
+    max_image_pixels: int = Field(
+        default=24_000_000, ge=1,
+        description="Largest image (width x height) the endpoint decodes, checked on the image header "
+        "before any pixel is decoded; the lower of this and images.max_pixels applies. A decode takes "
+        "about 3-4 bytes per pixel of memory on the ingress.",
+    )
+    image_decode_concurrency: int = Field(
+        default=2, ge=1,
+        description="Images one ingress replica decodes (or fetches) at a time; more wait their turn. "
+        "Bounds the ingress's memory to about this many times max_image_pixels x 4 bytes.",
+    )
+    rate_limit: RateLimit = Field(
+        default_factory=RateLimit,
+        description="Requests and tokens per minute of each API key, shared by every ingress replica (one "
+        "limiter deployment keeps the buckets). Over it, a request is a 429 with Retry-After.",
+    )
+    key_rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description="Limits for particular API keys instead of serve.rate_limit, by key id: the first 16 "
+        "hex digits of the key's SHA-256 (`python -m pipeline.serve_limits` prints them from keys on stdin), "
+        "so no key appears in the config or in logs. Quote them in YAML: an id of digits alone reads as a "
+        "number.",
+    )
+
+    @field_validator("key_rate_limits")
+    @classmethod
+    def _key_ids(cls, limits: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        for key_id in limits:
+            if len(key_id) != 16 or any(c not in "0123456789abcdef" for c in key_id):
+                raise ValueError(f"expected key ids of 16 lowercase hex digits (python -m pipeline.serve_limits "
+                                 f"prints a key's id), got {len(key_id)} characters that are not one "
+                                 "(not echoed: it may be a key)")
+        return limits
+
     @field_validator("allowed_image_domains")
     @classmethod
     def _bare_host_names(cls, domains: list[str]) -> list[str]:

@@ -4,23 +4,25 @@
     app_builder(args)  -> Application   import path for `serve run` / `serve deploy` config files
     run_serve(config)                   start Serve on the configured Ray and deploy (blocking or not)
 
-Two deployments, both from Ray: the engine (`LLMServer`, one vLLM engine per replica) built by
+Three deployments, two from Ray: the engine (`LLMServer`, one vLLM engine per replica) built by
 `LLMConfig` from the same config as batch (`engine.serving_engine_kwargs`, `engine.placement_group`),
-and the HTTP ingress (`serve_ingress.GuardedIngress`, Ray's OpenAI ingress behind our guard).
+and the HTTP ingress (`serve_ingress.GuardedIngress`, Ray's OpenAI ingress behind our guard); and one
+of ours, the per-key rate limiter (`serve_limits.RateLimiter`, one replica that every ingress replica asks).
 
 Scaling and overload: engine replicas autoscale between serve.min_replicas and serve.max_replicas
-aiming at serve.target_ongoing_requests each (Ray's default target of 1e9 never scales: NOTES §6);
+aiming at serve.target_ongoing_requests each (Ray's default target of 1e9 never scales up);
 each replica takes at most serve.max_ongoing_requests and serve.max_queued_requests more wait, beyond
 which Ray Serve raises a back-pressure error that the client sees at once as a 503. The ingress
 replicas autoscale on their own (they check keys and decode images on CPU).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .checkpoint import check_checkpoint, inspect_checkpoint
+from .checkpoint import check_checkpoint, inspect_checkpoint, read_checkpoint_file
 from .config import ConfigError, PipelineConfig, read_api_keys
 from .engine import placement_group, runtime_env, serving_engine_kwargs
 from .runtime import init_ray
@@ -28,6 +30,8 @@ from .storage import is_s3
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Application
+
+    from .images import ImageTarget
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def llm_config_args(config: PipelineConfig) -> dict[str, Any]:
         "runtime_env": runtime_env(config),
     }
     if config.engine.device == "cpu":
-        # Without it Ray's LLM server looks for a GPU (NOTES §2).
+        # Without it Ray's LLM server looks for a GPU.
         args["accelerator_config"] = {"kind": "cpu"}
     return args
 
@@ -82,18 +86,34 @@ def build_app(config: PipelineConfig) -> "Application":
     from ray.serve.llm import build_openai_app
 
     from .serve_ingress import GuardedIngress
+    from .serve_limits import limiter_app
 
     config = config.with_absolute_paths()
     scheme = check_servable(config)
     logger.info("serving %s (%s) as %s: engine replicas %d..%d (target %s ongoing), queue %d",
                 config.model.source, scheme, config.model.served_name, config.serve.min_replicas,
                 config.serve.max_replicas, config.serve.target_ongoing_requests, config.serve.max_queued_requests)
+    target = serving_image_target(config)
     return build_openai_app({
         "llm_configs": [llm_config(config)],
         "ingress_cls_config": {"ingress_cls": GuardedIngress,
-                               "ingress_extra_kwargs": {"pipeline_config": config.model_dump(mode="json")}},
+                               "ingress_extra_kwargs": {"pipeline_config": config.model_dump(mode="json"),
+                                                        # Bound here, a handle in the ingress: one
+                                                        # limiter for every ingress replica.
+                                                        "rate_limiter": limiter_app(config),
+                                                        "image_target": {"size_px": target.size_px,
+                                                                         "resample": int(target.resample)}}},
         "ingress_deployment_config": ingress_deployment_config(config),
     })
+
+
+def serving_image_target(config: PipelineConfig) -> "ImageTarget":
+    """The size and filter the ingress resizes images to: the checkpoint's image processor's, as batch
+    reads them, so the engine's own resize is a no-op."""
+    from .images import image_target
+
+    preprocessor = read_checkpoint_file(config.model.source, "preprocessor_config.json", config.storage)
+    return image_target(json.loads(preprocessor) if preprocessor else None, config.images.target_size_px)
 
 
 def check_servable(config: PipelineConfig) -> str:

@@ -1,48 +1,65 @@
 """The guard as pure ASGI middleware, in front of the FastAPI app of Ray's OpenAI ingress.
 
-Order per request: the API key (before anything is read), the declared then the actual body size
-(reading stops at the limit), the body checks of `serve_guard` in a worker thread (image decode and
-fetch block), then the inner app receives the checked body, rewritten only when an http(s) image was
-inlined. On the way out, any error response is reshaped to the OpenAI error body (`serve_errors`).
-Liveness and readiness paths stay open: probes carry no key.
+Order per request: the API key (before anything is read), a refusal of the key's rate limit still in
+force (answered from a cache, before the body is read), the declared then the actual body size
+(reading stops at the limit), JSON parsing (depth bounded) and the cheap body checks of
+`serve_guard`, the rate limiter (one request plus the body's token estimate; 429 with Retry-After),
+then image decode and fetch on a small pool of worker threads per replica (serve.image_decode_concurrency:
+bounded memory however many images arrive at once), then the inner app receives the checked body,
+rewritten when it carried images. A request refused with a 400 still counts one request against its
+key, so a flood of bad requests is limited too. On the way out, any error response is reshaped to the
+OpenAI error body (`serve_errors`). Liveness and readiness paths stay open: probes carry no key.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 from typing import Optional
 
 from starlette.datastructures import Headers
 
+from .config import RateLimit
 from .serve_errors import reshape_error_body
 from .serve_guard import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
     ApiError,
     ApiKeyCheck,
     FetchImage,
     RequestPolicy,
     body_too_large,
+    check_body,
     check_content_length,
-    check_request,
     parse_json_body,
+    prepare_images,
 )
+from .serve_limits import Decision, SharedLimiter, TokenBuckets, retry_after_header
 
 logger = logging.getLogger(__name__)
 
 # Ray's proxy answers /-/healthz and /-/routes itself, before any application.
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# Bodies of form content types are not JSON (audio uploads); everything else is parsed as JSON, as
+# FastAPI does when the content type is missing.
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Larger bodies are parsed in a worker thread, so that one big body does not stall the event loop.
+INLINE_PARSE_BYTES = 256 * 1024
 
 
 class GuardMiddleware:
-    """Pure ASGI middleware: API key, body size, body checks and image inlining; error reshaping."""
+    """Pure ASGI middleware: API key, rate limit, body size, body checks and image preparation;
+    error reshaping."""
 
-    def __init__(self, app, *, keys: ApiKeyCheck, policy: RequestPolicy, fetch_image: FetchImage):
+    def __init__(self, app, *, keys: ApiKeyCheck, policy: RequestPolicy, fetch_image: FetchImage,
+                 limiter: Optional[SharedLimiter] = None):
         self.app = app
         self.keys = keys
         self.policy = policy
         self.fetch_image = fetch_image
+        # Without a shared limiter (tests), one process's own buckets with the default limits.
+        self.limiter = limiter or SharedLimiter(None, TokenBuckets(RateLimit()))
+        self._image_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=policy.image_decode_concurrency, thread_name_prefix="image-decode")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -50,27 +67,69 @@ class GuardMiddleware:
             return
         headers = Headers(scope=scope)
         try:
-            self.keys.check(headers.get("authorization"))
+            key = self.keys.check(headers.get("authorization"))
+            refusal = self.limiter.cached_refusal(key)
+            if refusal is not None:
+                raise rate_limited(refusal)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                scope, receive = await self._checked_body(scope, receive, headers)
+                scope, receive = await self._checked_body(scope, receive, headers, key)
+            else:
+                await self._admit(key, 0)
         except ApiError as error:
-            await _send_json(send, error.status, error.body(),
-                             [(b"www-authenticate", b"Bearer")] if error.status == 401 else [])
+            extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else []
+            await _send_json(send, error.status, error.body(), extra + error.headers)
             return
         await self.app(scope, receive, _ErrorReshaper(send, scope["path"]))
 
-    async def _checked_body(self, scope, receive, headers: Headers):
-        check_content_length(headers.get("content-length"), self.policy)
-        raw = await _read_body(receive, self.policy)
+    async def _checked_body(self, scope, receive, headers: Headers, key: str):
         path = scope["path"]
-        if path in (CHAT_PATH, COMPLETIONS_PATH) or "json" in headers.get("content-type", ""):
-            body = parse_json_body(raw)
-            # Image decode and fetch block: keep them off the event loop that serves every other request.
-            if await asyncio.to_thread(check_request, path, body, self.policy, self.fetch_image):
+        try:
+            check_content_length(headers.get("content-length"), self.policy)
+            raw = await _read_body(receive, self.policy)
+            if headers.get("content-type", "").split(";")[0].strip().lower() in FORM_TYPES:
+                body, shape = None, None
+            else:
+                body = (parse_json_body(raw, self.policy.max_json_depth) if len(raw) <= INLINE_PARSE_BYTES else
+                        await asyncio.to_thread(parse_json_body, raw, self.policy.max_json_depth))
+                shape = check_body(path, body, self.policy, len(raw))
+        except ApiError as error:
+            if error.code != "client_disconnected":
+                await self.limiter.acquire(key, 0)  # counts the request; the 400 stands either way
+            raise
+        await self._admit(key, shape.cost_tokens if shape is not None else len(raw) // 4)
+        if shape is not None and shape.images:
+            # Decode and fetch block: on this replica's small pool, off the event loop.
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(self._image_pool, prepare_images, shape, self.policy, self.fetch_image):
                 raw = json.dumps(body).encode()
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(raw)).encode()))
         return {**scope, "headers": new_headers}, _replay(raw, receive)
+
+    async def _admit(self, key: str, tokens: int) -> None:
+        decision = await self.limiter.acquire(key, tokens)
+        if decision.allowed:
+            return
+        if decision.too_large:
+            raise ApiError(400, f"this request counts about {tokens} tokens (prompt estimate plus max_tokens x n), "
+                                f"more than this API key's limit of {decision.tokens_per_minute} tokens per minute "
+                                "(serve.rate_limit); lower max_tokens or send less",
+                           code="rate_limit_too_small")
+        raise rate_limited(decision, tokens)
+
+
+def rate_limited(decision: Decision, tokens: Optional[int] = None) -> ApiError:
+    """The 429 of a refused request: OpenAI's shape (type "requests" or "tokens", code
+    rate_limit_exceeded) and a Retry-After header in whole seconds."""
+    retry = retry_after_header(decision)
+    if decision.limit == "tokens":
+        what = f"{decision.tokens_per_minute} tokens per minute" + (
+            f" (this request counts about {tokens})" if tokens is not None else "")
+    else:
+        what = f"{decision.requests_per_minute} requests per minute"
+    return ApiError(429, f"rate limit reached for this API key: {what}; try again in {retry} s",
+                    type=decision.limit or "requests", code="rate_limit_exceeded",
+                    headers=[(b"retry-after", retry.encode())])
 
 
 async def _read_body(receive, policy: RequestPolicy) -> bytes:

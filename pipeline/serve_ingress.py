@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -33,9 +33,11 @@ from vllm.exceptions import VLLMValidationError
 
 from .config import FetchSection, PipelineConfig, read_api_keys
 from .fetch import Fetcher
+from .images import ImageTarget
 from .serve_errors import validation_error
 from .serve_guard import ApiError, ApiKeyCheck, RequestPolicy
 from .serve_http import GuardMiddleware
+from .serve_limits import SharedLimiter, TokenBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +47,28 @@ READY_TIMEOUT_S = 10.0
 class GuardedIngress(OpenAiIngress):
     """Ray's OpenAI ingress; every request passes `GuardMiddleware` first."""
 
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, pipeline_config: dict[str, Any], **kwargs):
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, pipeline_config: dict[str, Any],
+                 rate_limiter=None, image_target: Optional[dict[str, int]] = None, **kwargs):
+        """`rate_limiter`: the handle of the shared `serve_limits.RateLimiter` deployment (Serve resolves
+        the bound deployment in these kwargs); `image_target`: the checkpoint's image size and filter."""
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         config = PipelineConfig.model_validate(pipeline_config)
         # Read in the replica: keys come from this process's environment or a mounted file and are never
         # part of the config or of Ray's deployment arguments. No key -> the replica fails to start.
         self._keys = ApiKeyCheck(read_api_keys(config.serve))
-        self._policy = RequestPolicy.from_config(config)
+        self._policy = RequestPolicy.from_config(config, ImageTarget(**image_target) if image_target else None)
+        # The same limits locally, used only while the shared limiter cannot be reached.
+        self._limiter = SharedLimiter(rate_limiter, TokenBuckets(config.serve.rate_limit, config.serve.key_rate_limits))
         # The endpoint fetches allow-listed http(s) images itself: never from private, loopback or
         # link-local addresses (whatever fetch.allow_private_networks says for batch) and never local paths.
         policy = FetchSection(**{**config.fetch.model_dump(), "allow_private_networks": False,
                                  "allow_local_paths": False})
         self._fetcher = Fetcher(policy, config.storage, max_bytes=config.images.max_bytes)
-        logger.info("ingress guard ready: %d API keys, model %s, image hosts %s", self._keys.count,
-                    config.model.served_name, sorted(self._policy.allowed_image_domains) or "none")
+        logger.info("ingress guard ready: %d API keys, model %s, image hosts %s, images at %d px, rate limit "
+                    "%s per key (%d keys with their own), %s", self._keys.count, config.model.served_name,
+                    sorted(self._policy.allowed_image_domains) or "none", self._policy.image_target.size_px,
+                    config.serve.rate_limit.model_dump(), len(config.serve.key_rate_limits),
+                    "shared" if rate_limiter is not None else "local to this replica")
 
     async def __serve_build_asgi_app__(self):
         """Called by the Serve replica before the app starts: add the guard, open probes, error shape."""
@@ -67,7 +77,8 @@ class GuardedIngress(OpenAiIngress):
         app.add_exception_handler(VLLMValidationError, _vllm_validation_error_response)
         app.add_api_route("/health", _health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
-        app.add_middleware(GuardMiddleware, keys=self._keys, policy=self._policy, fetch_image=self._fetcher.fetch)
+        app.add_middleware(GuardMiddleware, keys=self._keys, policy=self._policy, fetch_image=self._fetcher.fetch,
+                           limiter=self._limiter)
         return app
 
     async def _ready(self) -> JSONResponse:

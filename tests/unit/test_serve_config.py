@@ -15,6 +15,31 @@ def test_serve_defaults_scale_and_bound_the_queue():
     assert serve.host == "127.0.0.1"
 
 
+def test_serve_defaults_bound_what_one_request_and_one_key_can_take():
+    serve = PipelineConfig.load(environ={}).serve
+    assert serve.max_n == 1 and serve.max_prompts_per_request == 1, "no fan-out unless configured"
+    assert serve.max_json_depth == 64 and serve.max_image_pixels == 24_000_000
+    assert serve.image_decode_concurrency == 2
+    assert (serve.rate_limit.requests_per_minute, serve.rate_limit.tokens_per_minute) == (600, 200_000)
+    assert serve.rate_limit.tokens_per_minute > serve.max_tokens_cap + 8192, "a full-size request fits a key's minute"
+    assert serve.key_rate_limits == {}
+
+
+def test_serving_image_target_is_the_checkpoints(tmp_path):
+    import json
+
+    from pipeline.serve import serving_image_target
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 448, "width": 448},
+                                                                   "resample": 3}))
+    config = PipelineConfig.load(overrides=[f"model.source={tmp_path}"], environ={})
+    assert (serving_image_target(config).size_px, serving_image_target(config).resample) == (448, 3)
+    (tmp_path / "preprocessor_config.json").unlink()
+    assert serving_image_target(config).size_px == 896, "Gemma 3's when the checkpoint has none"
+    overridden = PipelineConfig.load(overrides=[f"model.source={tmp_path}", "images.target_size_px=336"], environ={})
+    assert serving_image_target(overridden).size_px == 336
+
+
 @pytest.mark.parametrize("overrides, expected", [
     pytest.param(["serve.max_tokens_cap=8192"], "serve.max_tokens_cap (8192) must be below engine.max_model_len (8192)",
                  id="cap-vs-context"),
@@ -26,6 +51,11 @@ def test_serve_defaults_scale_and_bound_the_queue():
                  id="domain-with-scheme"),
     pytest.param(["serve.max_queued_requests=-1"], "serve.max_queued_requests", id="unbounded-queue"),
     pytest.param(["serve.api_key=abc"], "serve.api_key: unknown field; allowed: host,", id="typo"),
+    pytest.param(["serve.max_n=0"], "serve.max_n", id="n-zero"),
+    pytest.param(["serve.max_json_depth=2"], "serve.max_json_depth", id="depth-too-small"),
+    pytest.param(["serve.rate_limit={requests_per_minute: 0}"], "requests_per_minute", id="rpm-zero"),
+    pytest.param(["serve.key_rate_limits={ABC: {requests_per_minute: 1}}"], "16 lowercase hex digits",
+                 id="key-id-not-hex"),
 ])
 def test_serve_config_errors(overrides, expected):
     with pytest.raises(ConfigError) as info:

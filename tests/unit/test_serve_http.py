@@ -1,17 +1,23 @@
 """The guard middleware over HTTP, and the one OpenAI error shape (pure: no Ray, no engine)."""
+import asyncio
 import base64
 import json
+import threading
+import time
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.testclient import TestClient
 
-from pipeline.config import PipelineConfig
+import pipeline.serve_guard
+from pipeline.config import PipelineConfig, RateLimit
 from pipeline.serve_errors import reshape_error_body, split_loc, validation_error
 from pipeline.serve_guard import ApiKeyCheck, RequestPolicy
 from pipeline.serve_http import GuardMiddleware
-from tests.unit.test_serve_guard import MODEL, TEXT, chat, data_url, image_part, png
+from pipeline.serve_limits import SharedLimiter, TokenBuckets
+from tests.unit.test_serve_guard import MODEL, TEXT, chat, data_url, decoded, image_part, png, png_declaring
 
 KEY = {"Authorization": "Bearer test-key"}
 
@@ -84,11 +90,134 @@ def test_health_is_open(client):
 
 
 def test_checked_body_reaches_the_app(client):
-    body = chat(image_part(data_url(png())), TEXT, max_tokens=5)
+    body = chat(TEXT, max_tokens=5)
     response = client.post("/v1/chat/completions", headers=KEY, json=body)
     assert response.status_code == 200
     echoed = response.json()
     assert echoed["received"] == body and int(echoed["content_length"]) == echoed["bytes"]
+
+
+def test_images_reach_the_app_at_the_model_size(client):
+    body = chat(image_part(data_url(png((1200, 900)))), TEXT, max_tokens=5)
+    echoed = client.post("/v1/chat/completions", headers=KEY, json=body).json()
+    assert int(echoed["content_length"]) == echoed["bytes"]
+    part = echoed["received"]["messages"][0]["content"][0]
+    assert decoded(part["image_url"]["url"]).size == (896, 896)
+    assert echoed["received"]["messages"][0]["content"][1] == TEXT and echoed["received"]["max_tokens"] == 5
+
+
+@pytest.mark.parametrize("content, code, words", [
+    pytest.param(b"[" * 5000 + b"]" * 5000, "invalid_json", ["nests 5000 levels deep"], id="deep-json"),
+    pytest.param(b'{"model": "gemma-3-12b-it", "x": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001, "invalid_json",
+                 ["nests 3001 levels deep"], id="deep-objects"),
+    pytest.param(b'{"max_tokens": NaN, "messages": []}', "invalid_json", ["NaN"], id="nan"),
+    pytest.param(json.dumps(chat(TEXT, n=1000)).encode(), "n_exceeded", ["n 1000"], id="n-1000"),
+    pytest.param(json.dumps(chat(TEXT, max_tokens=5.0)).encode(), "invalid_type", ["got 5.0"], id="float-max-tokens"),
+    pytest.param(json.dumps(chat(image_part(data_url(png_declaring(8000, 8000))), TEXT)).encode(), "too_many_pixels",
+                 ["8000x8000"], id="pixel-bomb"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_bad_bodies_are_400s_on_every_route(client, path, content, code, words):
+    for content_type in ("application/json", None):  # FastAPI parses JSON without a content type too
+        headers = {**KEY, **({"content-type": content_type} if content_type else {})}
+        response = client.post(path, headers=headers, content=content)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and error["type"] == "invalid_request_error"
+        for word in words:
+            assert word in error["message"]
+
+
+def limited_app(rpm: int, tpm: int = 100_000, **config_overrides) -> GuardMiddleware:
+    sets = [f"{k}={v}" for k, v in config_overrides.items()]
+    config = PipelineConfig.load(overrides=sets, environ={})
+    limiter = SharedLimiter(None, TokenBuckets(RateLimit(requests_per_minute=rpm, tokens_per_minute=tpm)))
+    return GuardMiddleware(fake_openai_app(), keys=ApiKeyCheck(["test-key", "other-key"]),
+                           policy=RequestPolicy.from_config(config), fetch_image=lambda url: pytest.fail("no fetch"),
+                           limiter=limiter)
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after():
+    with TestClient(limited_app(rpm=3)) as client:
+        assert [client.get("/v1/models", headers=KEY).status_code for _ in range(3)] == [200, 200, 200]
+        response = client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, max_tokens=5))
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "20"
+        assert response.json() == {"error": {
+            "message": "rate limit reached for this API key: 3 requests per minute; try again in 20 s",
+            "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+        # Refused from the cache before the body is read: not even a broken body gets a 400.
+        broken = client.post("/v1/chat/completions", headers={**KEY, "content-type": "application/json"},
+                             content=b"[" * 5000)
+        assert broken.status_code == 429 and int(broken.headers["retry-after"]) <= 20
+        other = client.get("/v1/models", headers={"Authorization": "Bearer other-key"})
+        assert other.status_code == 200, "another key is not limited"
+        assert "test-key" not in response.text
+
+
+def test_tokens_per_minute():
+    with TestClient(limited_app(rpm=100, tpm=600)) as client:
+        ok = client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, max_tokens=500))
+        assert ok.status_code == 200
+        refused = client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, max_tokens=500))
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
+        assert "600 tokens per minute (this request counts about 5" in refused.json()["error"]["message"]
+        assert 45 <= int(refused.headers["retry-after"]) <= 60
+        small = client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, max_tokens=5))
+        assert small.status_code == 200, "a request that fits what is left passes"
+        huge = client.post("/v1/chat/completions", headers={"Authorization": "Bearer other-key"},
+                           json=chat(TEXT, max_tokens=2000))
+        assert huge.status_code == 400 and huge.json()["error"]["code"] == "rate_limit_too_small"
+
+
+def test_refused_requests_count_against_the_key():
+    with TestClient(limited_app(rpm=2)) as client:
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, n=50)).status_code == 400
+        assert client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT)).status_code == 429
+
+
+def test_image_decodes_are_bounded_per_replica(monkeypatch):
+    """Eight large images at once: at most serve.image_decode_concurrency decodes run together, and a
+    text request is answered while they are all still waiting (it is not queued behind them)."""
+    running, most, done = 0, 0, 0
+    lock = threading.Lock()
+    release = threading.Event()
+    real = pipeline.serve_guard.prepare_image
+
+    def counted(*args):
+        nonlocal running, most, done
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            assert release.wait(30), "never released"
+            return real(*args)
+        finally:
+            with lock:
+                running -= 1
+                done += 1
+
+    monkeypatch.setattr(pipeline.serve_guard, "prepare_image", counted)
+    app = limited_app(rpm=100, **{"serve.image_decode_concurrency": 2})
+    body = chat(image_part(data_url(png((2000, 1500), (9, 9, 9)))), TEXT, max_tokens=5)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://guard", timeout=60) as client:
+            images = [asyncio.create_task(client.post("/v1/chat/completions", headers=KEY, json=body))
+                      for _ in range(8)]
+            while running < 2:
+                await asyncio.sleep(0.01)
+            text = await client.post("/v1/chat/completions", headers=KEY, json=chat(TEXT, max_tokens=5))
+            decodes_done_by_then = done
+            release.set()
+            return [r.status_code for r in await asyncio.gather(*images)], text.status_code, decodes_done_by_then
+
+    statuses, text_status, decodes_done_by_then = asyncio.run(run())
+    assert statuses == [200] * 8 and text_status == 200
+    assert most == 2, most
+    assert decodes_done_by_then == 0
 
 
 def test_declared_and_streamed_body_size(client):
