@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -64,7 +65,8 @@ def prepare_image(data: bytes, limits: ImageSection, target: ImageTarget) -> Ima
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise RecordError(ErrorKind.CORRUPT_IMAGE, f"{image.format} data is damaged: {exc}", Stage.IMAGE) from None
+        raise RecordError(ErrorKind.CORRUPT_IMAGE, f"{image.format} data is damaged: {_without_bytes(exc)}",
+                          Stage.IMAGE) from None
     if image.size != (target.size_px, target.size_px):
         image = image.resize((target.size_px, target.size_px), resample=target.resample)
     return image
@@ -121,11 +123,13 @@ def _open(data: bytes, limits: ImageSection) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise RecordError(ErrorKind.TOO_MANY_PIXELS, str(exc), Stage.IMAGE) from None
     except UnidentifiedImageError:
+        # No byte of the data in the message: it may be a file the record had no business naming.
         raise RecordError(ErrorKind.NOT_AN_IMAGE,
-                          f"bytes are not an image Pillow recognises (starts with {data[:8]!r})",
+                          f"{len(data)} bytes that are not an image in any format Pillow recognises",
                           Stage.IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise RecordError(ErrorKind.CORRUPT_IMAGE, f"image header is damaged: {exc}", Stage.IMAGE) from None
+        raise RecordError(ErrorKind.CORRUPT_IMAGE, f"image header is damaged: {_without_bytes(exc)}",
+                          Stage.IMAGE) from None
     if image.format not in limits.allowed_formats:
         raise RecordError(ErrorKind.UNSUPPORTED_FORMAT,
                           f"format {image.format} is not allowed (allowed: {', '.join(limits.allowed_formats)})",
@@ -138,6 +142,15 @@ def _open(data: bytes, limits: ImageSection) -> Image.Image:
                           f"image is {width}x{height} = {width * height} pixels, over the limit of "
                           f"{limits.max_pixels}", Stage.IMAGE)
     return image
+
+
+# A Python bytes literal inside an exception message: some Pillow errors quote a few bytes of the file
+# (a PNG chunk id, a TIFF header). Error rows and reports carry no byte of what was read.
+_BYTES_LITERAL = re.compile(r"\bb'(?:[^'\\]|\\.)*'" + r'|\bb"(?:[^"\\]|\\.)*"')
+
+
+def _without_bytes(exc: BaseException) -> str:
+    return _BYTES_LITERAL.sub("<bytes>", str(exc))[:300]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

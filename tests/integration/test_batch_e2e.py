@@ -2,6 +2,8 @@
 
 24 good records (8 as bytes, 8 as local paths, 8 as s3:// URIs) and one record of each bad kind the
 contract names are read from S3 in two parquet files; the output is written back to S3 and read again.
+Local reads are allowed under the images folder only, s3:// under data/images only: an image in another
+bucket the credentials can read is refused.
 """
 import io
 import json
@@ -48,6 +50,8 @@ def build_records(tmp_path, s3_client):
             record["image_uri"] = f"s3://data/images/{sample.name}"
         good.append(record)
     jpeg = next(s.data for s in sample_images(24) if s.name.endswith(".jpg"))
+    s3_client.create_bucket(Bucket="private")
+    s3_client.put_object(Bucket="private", Key="photo.jpg", Body=jpeg)
     bad = [
         ("bad-truncated", {"image": jpeg[: len(jpeg) // 3]}, "corrupt_image"),
         ("bad-not-image", {"image": b"%PDF-1.4 this is a document, not a picture" * 5}, "not_an_image"),
@@ -57,6 +61,7 @@ def build_records(tmp_path, s3_client):
         ("bad-unreachable", {"image_uri": "http://images.unreachable.invalid/cat.jpg"}, "unreachable"),
         ("bad-metadata-service", {"image_uri": "http://169.254.169.254/latest/meta-data/"}, "uri_not_allowed"),
         ("bad-s3-missing", {"image_uri": "s3://data/images/no-such-image.jpg"}, "not_found"),
+        ("bad-foreign-bucket", {"image_uri": "s3://private/photo.jpg"}, "uri_not_allowed"),
         (None, {"image": jpeg, "note": "record-without-id"}, "missing_id"),
         ("dup-1", {"image": jpeg, "note": "dup-first"}, "duplicate_id"),
         ("dup-1", {"image": jpeg, "note": "dup-second"}, "duplicate_id"),
@@ -83,6 +88,9 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
     result = run_job("jobs.caption", "--input", "s3://data/input", "--output", "s3://data/output/run1",
                      "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
                      "--set", "images.max_pixels=30000000", "--set", "batch.rows_per_file=8",
+                     "--set", "fetch.allow_local_paths=true",
+                     "--set", f"fetch.local_path_prefixes=[{tmp_path / 'images'}]",
+                     "--set", "fetch.s3_prefixes=[data/images]",
                      env=s3_env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
@@ -93,7 +101,7 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
     rows = table.to_pylist()
 
     # Exactly one output row per input row, sharded by the configured row count.
-    assert len(rows) == len(records) == 35
+    assert len(rows) == len(records) == 36
     assert len(output.files) >= 5 and all(pq.ParquetFile(f, filesystem=fs).metadata.num_rows <= 8
                                           for f in output.files)
 
@@ -125,8 +133,8 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
 
     manifest = json.loads(client.get_object(Bucket="data", Key="output/run1/_manifest.json")["Body"].read())
     assert manifest["status"] == "complete"
-    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == 35
-    assert manifest["counts"]["ok"] == 24 and manifest["counts"]["errors"] == 11
+    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == 36
+    assert manifest["counts"]["ok"] == 24 and manifest["counts"]["errors"] == 12
     assert manifest["counts"]["errors_by_kind"] == dict(Counter(expected_errors[k] for k in expected_errors) |
                                                          {"duplicate_id": 2})
     assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in ok.values())
@@ -135,4 +143,4 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
     assert manifest["config"]["engine"]["device"] == "cpu"
     # The run report lands beside the manifest on S3 too (and parquet readers above skipped it).
     report = client.get_object(Bucket="data", Key="output/run1/_report/report.html")["Body"].read().decode()
-    assert 'data-metric="rows_out" data-value="35"' in report
+    assert 'data-metric="rows_out" data-value="36"' in report

@@ -1,15 +1,19 @@
 """The run report, status line, metrics and dry run, from one real caption run on the tiny model.
 
 One job runs per module (real vLLM CPU engine, real local Ray) over a small local dataset with good and
-bad records. While it runs, the test scrapes Ray's Prometheus endpoint; after it, every test reads the
-same output: the report's numbers against the manifest and the output rows, its charts, a headless
-Chromium screenshot of the page, the status lines in the job's log, and the dry run's plan.
+bad records, hostile ones among them (system files, traversal, /proc, a FIFO, symlinks out of the allowed
+folder, a server dribbling a byte every 2 s on loopback, a bucket off the allow-list). While it runs, the
+test scrapes Ray's Prometheus endpoint; after it, every test reads the same output: the report's numbers
+against the manifest and the output rows, its charts, a headless Chromium screenshot of the page, the
+status lines in the job's log, and the dry run's plan.
 """
 from __future__ import annotations
 
 import base64
 import io
+import http.server
 import json
+import os
 import re
 import shutil
 import socket
@@ -36,6 +40,15 @@ pytestmark = pytest.mark.integration
 
 GOOD = 10
 PRICE_USD = 2.5
+# Records naming what a batch job must never read, each with the error kind it must become. Local ones all
+# get one kind and one message (not_found), so they cannot tell which files exist.
+HOSTILE = {"hostile-passwd": "not_found", "hostile-shadow": "not_found", "hostile-traversal": "not_found",
+           "hostile-environ": "not_found", "hostile-fifo": "not_found", "hostile-symlink-secret": "not_found",
+           "hostile-symlink-photo": "not_found", "hostile-slow-server": "unreachable",
+           "hostile-foreign-bucket": "uri_not_allowed"}
+BAD = 7 + len(HOSTILE)
+SECRET = b"TOP-SECRET-7f3a: this line must never leave the worker\n"
+DRIBBLE_S = 2.0
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_uri", pa.string()), ("note", pa.string())])
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -51,12 +64,29 @@ class Run:
     html: str
     rows: list[dict]
     scraped: dict = field(default_factory=dict)
+    settings: list[str] = field(default_factory=list)
+    secrets: list[bytes] = field(default_factory=list)
 
 
-def _records(images_dir: Path) -> list[dict]:
+def _records(images_dir: Path, slow_url: str) -> list[dict]:
     records = [{"id": f"good-{i:02d}", "image": s.data, "image_uri": None, "note": s.name}
                for i, s in enumerate(sample_images(GOOD))]
     jpeg = records[0]["image"]
+    # One good record by path, under the allowed folder: local reads still work where configured.
+    (images_dir / "good.jpg").write_bytes(jpeg)
+    records[-1].update(image=None, image_uri=str(images_dir / "good.jpg"))
+    hostile_uris = {
+        "hostile-passwd": "/etc/passwd",
+        "hostile-shadow": "file:///etc/shadow",
+        "hostile-traversal": f"{images_dir}/../../../../../../../etc/passwd",
+        "hostile-environ": "/proc/self/environ",
+        "hostile-fifo": str(images_dir / "fifo.jpg"),
+        "hostile-symlink-secret": str(images_dir / "notes.jpg"),
+        "hostile-symlink-photo": str(images_dir / "photo.jpg"),
+        "hostile-slow-server": slow_url,
+        "hostile-foreign-bucket": "s3://private/photo.jpg",
+    }
+    records += [{"id": i, "image": None, "image_uri": hostile_uris[i], "note": None} for i in HOSTILE]
     records += [
         {"id": "bad-not-image-1", "image": b"plain text, not a picture " * 4, "image_uri": None, "note": None},
         {"id": "bad-not-image-2", "image": b"%PDF-1.4 " * 10, "image_uri": None, "note": None},
@@ -107,6 +137,47 @@ class MetricsScraper(threading.Thread):
                 self.largest[key] = max(self.largest.get(key, 0.0), value)
 
 
+class _Dribble(http.server.BaseHTTPRequestHandler):
+    """Headers at once, then one byte every DRIBBLE_S: each read is quick, the whole never ends."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        for _ in range(1000):
+            try:
+                self.wfile.write(b"\xff")
+                self.wfile.flush()
+            except OSError:
+                return  # the fetcher hung up at its deadline
+            time.sleep(DRIBBLE_S)
+
+
+def _hostile_disk(base: Path, images_dir: Path) -> list[bytes]:
+    """Files outside the allowed folder, reachable through symlinks and a FIFO inside it; returns the
+    bytes that must appear nowhere in the output or the report."""
+    private = base / "private"
+    private.mkdir()
+    (private / "notes.txt").write_bytes(SECRET)
+    photo = sample_images(GOOD + 1)[-1].data
+    (private / "photo.jpg").write_bytes(photo)
+    (images_dir / "notes.jpg").symlink_to(private / "notes.txt")
+    (images_dir / "photo.jpg").symlink_to(private / "photo.jpg")
+    os.mkfifo(images_dir / "fifo.jpg")
+    # (The photo's bytes are not listed: its header is every JPEG's. Its row being an error shows it unread.)
+    secrets = [SECRET.strip()]
+    for system_file in ("/etc/passwd", "/etc/shadow"):
+        try:
+            head = Path(system_file).read_bytes()[:8]
+        except OSError:
+            continue  # unreadable to this test: unreadable to the job too
+        secrets += [head, repr(head).encode()]
+    return secrets
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model) -> Run:
     base = tmp_path_factory.mktemp("report-run")
@@ -114,7 +185,16 @@ def run(tmp_path_factory, tiny_model) -> Run:
     images_dir.mkdir()
     input_dir = base / "input"
     input_dir.mkdir()
-    records = _records(images_dir)
+    secrets = _hostile_disk(base, images_dir)
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dribble)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    records = _records(images_dir, f"http://127.0.0.1:{slow.server_address[1]}/slow.jpg")
+    # Local reads only under images_dir; loopback allowed for the dribbling server (and only it, by host);
+    # s3:// only under data/images; a 3 s deadline for each fetch.
+    settings = ["--set", "fetch.allow_local_paths=true", "--set", f"fetch.local_path_prefixes=[{images_dir}]",
+                "--set", "fetch.allow_private_networks=true", "--set", "fetch.http_hosts=[127.0.0.1]",
+                "--set", "fetch.s3_prefixes=[data/images]", "--set", "fetch.timeout_s=3"]
     for part in range(2):
         pq.write_table(pa.Table.from_pylist(records[part::2], schema=SCHEMA), input_dir / f"part-{part}.parquet")
     output = base / "output"
@@ -123,18 +203,19 @@ def run(tmp_path_factory, tiny_model) -> Run:
     scraper.start()
     # Ray's metrics reach the endpoint every 10 s by default; 1 s lets a short run show up.
     result = run_job("jobs.caption", "--input", str(input_dir), "--output", str(output),
-                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model), *settings,
                      "--set", "batch.rows_per_file=5", "--set", f"report.gpu_hourly_usd={PRICE_USD}",
                      "--set", "report.status_interval_s=2", "--set", f"runtime.metrics_export_port={port}",
                      env={"RAY_metrics_report_interval_ms": "1000"})
     scraper.stop.set()
     scraper.join()
+    slow.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
     manifest = json.loads((output / "_manifest.json").read_text())
     html = (output / "_report" / "report.html").read_text()
     rows = pads.dataset(output, format="parquet").to_table().to_pylist()
     return Run(input_dir, output, result, manifest, html, rows,
-               {"names": scraper.names, "largest": scraper.largest})
+               {"names": scraper.names, "largest": scraper.largest}, settings, secrets)
 
 
 class _Page(HTMLParser):
@@ -182,7 +263,7 @@ def test_job_writes_report_and_charts_beside_the_output(run):
         image = Image.open(png)
         assert image.format == "PNG" and image.width >= 600 and image.height >= 200
     # Parquet readers skip `_report/`: the output still reads as exactly the manifest's rows.
-    assert len(run.rows) == run.manifest["counts"]["rows_out"] == run.manifest["counts"]["rows_in"] == GOOD + 7
+    assert len(run.rows) == run.manifest["counts"]["rows_out"] == run.manifest["counts"]["rows_in"] == GOOD + BAD
     assert "report: " in run.result.stderr and "_report/report.html" in run.result.stderr
 
 
@@ -196,7 +277,7 @@ def test_report_numbers_equal_the_manifest(run):
                 "total_tokens_per_s": speed["total_tokens_per_s"], "prompt_tokens": tokens["prompt"],
                 "completion_tokens": tokens["completion"]}
     assert {k: page.metrics[k] for k in expected} == expected
-    assert counts["ok"] == GOOD and counts["errors"] == 7
+    assert counts["ok"] == GOOD and counts["errors"] == BAD
     # The visible text is the same number, formatted.
     assert re.search(rf'data-metric="rows_out" data-value="{counts["rows_out"]}">{counts["rows_out"]}<', run.html)
 
@@ -204,17 +285,43 @@ def test_report_numbers_equal_the_manifest(run):
 def test_report_errors_by_kind_with_example_ids_from_the_output(run):
     page, m = _page(run.html), run.manifest
     assert page.error_counts == m["counts"]["errors_by_kind"] == {
-        "duplicate_id": 2, "missing_id": 1, "missing_image": 1, "not_an_image": 2, "not_found": 1}
+        "duplicate_id": 2, "missing_id": 1, "missing_image": 1, "not_an_image": 2, "not_found": 8,
+        "unreachable": 1, "uri_not_allowed": 1}
     kinds_by_id = {}
     for row in run.rows:
         kinds_by_id.setdefault(row["id"], set()).add(row["error_kind"])
     for kind, examples in page.examples.items():
-        assert len(examples) == page.error_counts[kind], "every example listed (fewer than the cap of 5)"
+        assert len(examples) == min(page.error_counts[kind], 5), "every example listed, up to the cap of 5"
         for example in examples:
             assert kind in kinds_by_id[example], (kind, example)
     assert sorted(page.examples["not_an_image"]) == ["bad-not-image-1", "bad-not-image-2"]
     assert page.examples["missing_id"] == [None], "a row without id is shown by its source"
     assert "part-" in run.html and ".parquet" in run.html
+
+
+def test_hostile_records_are_error_rows_with_no_byte_of_their_files(run):
+    by_id = {r["id"]: r for r in run.rows if r["id"]}
+    for record_id, kind in HOSTILE.items():
+        row = by_id[record_id]
+        assert (row["error_kind"], row["error_stage"], row["text"]) == (kind, "fetch", None), row
+    # Every local refusal reads the same whatever the cause (missing, FIFO, symlink out, outside the folder).
+    local = [by_id[i] for i, kind in HOSTILE.items() if kind == "not_found"] + [by_id["bad-missing-file"]]
+    assert {r["error"].replace(r["image_uri"], "<uri>") for r in local} == {
+        "not_found: <uri>: no readable regular file at this path under fetch.local_path_prefixes"}
+    assert "fetch.timeout_s" in by_id["hostile-slow-server"]["error"]
+    assert "fetch.s3_prefixes" in by_id["hostile-foreign-bucket"]["error"]
+    # The good record by path under the allowed folder was read and answered.
+    assert by_id["good-09"]["error"] is None and by_id["good-09"]["image_uri"].endswith("/images/good.jpg")
+    # No byte of any file the records named, nor of the old "starts with b'...'" echo, in the rows or report.
+    cells = "\n".join(str(v) for r in run.rows for v in r.values() if isinstance(v, str))
+    for text in (cells, run.html):
+        assert "b'" not in text and "starts with" not in text
+        for secret in run.secrets:
+            assert secret.decode("latin-1") not in text, secret
+    for path in run.output.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(secret in data for secret in run.secrets), path
 
 
 def test_report_latency_and_cost_follow_the_rows_and_the_formula(run):
@@ -287,7 +394,7 @@ def test_status_lines_while_running(run):
     final = [line for line in lines if "done: " in line]
     assert len(final) == 1 and lines[-1] == final[0]
     assert f"done: {total}/{total} rows (100.0%)" in final[0] and "rows/s" in final[0]
-    assert "errors 7: " in final[0] and "not_an_image 2" in final[0] and "duplicate_id 2" in final[0]
+    assert f"errors {BAD}: " in final[0] and "not_an_image 2" in final[0] and "duplicate_id 2" in final[0]
 
 
 def test_pipeline_and_engine_metrics_on_rays_prometheus_endpoint(run):
@@ -302,11 +409,12 @@ def test_pipeline_and_engine_metrics_on_rays_prometheus_endpoint(run):
 def test_dry_run_prints_the_plan_without_an_engine(run, tiny_model):
     before = sorted(p.name for p in run.output.rglob("*"))
     result = run_job("jobs.caption", "--input", str(run.input_dir), "--output", str(run.output),
-                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model), "--dry-run", timeout_s=300)
+                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model), *run.settings, "--dry-run",
+                     timeout_s=300)
     assert result.returncode == 0, result.stderr[-4000:]
     plan = result.stdout
     assert "DRY RUN" in plan
-    assert f"{GOOD + 7} rows, 1 duplicated ids" in plan and "1 rows without id" in plan
+    assert f"{GOOD + BAD} rows, 1 duplicated ids" in plan and "1 rows without id" in plan
     assert "holds a finished run" in plan and "refuses it without --overwrite" in plan
     assert "ray.data.llm vLLM engine: actor pool, one placement group per replica, replicas 1" in plan
     assert '{"CPU": 1}' in plan and "STRICT_PACK" in plan
