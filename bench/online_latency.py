@@ -114,10 +114,15 @@ async def stream_one(client, image_url: str, max_tokens: int) -> tuple[float, fl
     return end - started, (first or end) - started
 
 
-async def load(urls: list[str], images: list[str], streams: int, duration_s: float, max_tokens: int) -> dict:
+async def load(urls: list[str], images: list[str], streams: int, duration_s: float, max_tokens: int,
+               api_key: str = "none") -> dict:
+    import httpx
     import openai
 
-    clients = [openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for url in urls]
+    # One connection per stream: httpx's default pool (100) would queue the 256-stream level client-side.
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    clients = [openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600,
+                                  http_client=openai.DefaultAsyncHttpxClient(limits=limits)) for url in urls]
     latencies, ttfts, errors, error_kinds = [], [], 0, {}
     counter = iter(range(10**9))
     stop_at = time.perf_counter() + duration_s
