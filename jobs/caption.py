@@ -37,7 +37,8 @@ One job writes an output prefix at a time: the job holds OUTPUT/_lease while it 
 on that prefix stops at once (exit 4) without touching it, until the first one ends or its heartbeat is
 older than batch.output_lease_ttl_s (it died).
 
-Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output,
+Exit codes: 0 done (bad records are error rows, not failures), 2 invalid config/input/model/output
+or an engine that cannot start (one line with vLLM's root error),
 3 the run finished but some input rows have no output row (the manifest says incomplete; rerun to finish),
 4 another job is writing the output prefix (nothing was changed; retry later or pick another prefix).
 """
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.batch import InputError, OutputExistsError, OutputInUseError, load_input_list
     from pipeline.batch_job import run_batch_job
     from pipeline.checkpoint import CheckpointError
+    from pipeline.engine_start import start_failure_in
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
     overrides += [f"openai_batch.{name}_format={value}" for name, value in
@@ -108,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     except OutputInUseError as exc:
         logger.error("%s", exc)
         return 4
+    except Exception as exc:
+        cause = start_failure_in(exc)
+        if cause is None:
+            raise
+        logger.error("the vLLM engine failed to start: %s (the full traces are in the Ray session's worker "
+                     "logs); nothing was written as complete", cause)
+        return 2
     summary = {"output": manifest["output"], "status": manifest["status"], **manifest["counts"],
                **manifest["throughput"]}
     logger.info("summary: %s", json.dumps(summary))

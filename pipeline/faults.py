@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from . import records as R
+from .engine_start import explain_start_failure
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ class CrashIsolatingEngine:
     """
 
     def __init__(self, *args: Any, ledger_name: str, max_engine_attempts: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        with explain_start_failure():  # a failed start says why in one line (pipeline.engine_start)
+            super().__init__(*args, **kwargs)
         self.ledger = self.connect_ledger(ledger_name)
         self.max_engine_attempts = max_engine_attempts
         self.gate = EngineGate()

@@ -55,6 +55,7 @@ import pyarrow.fs as pafs
 
 from . import records as R
 from .config import PipelineConfig
+from .engine_start import start_failure_in
 from .output_lease import LEASE_DIR
 from .storage import abort_multipart_uploads, is_s3, join, make_filesystem, read_json, split_s3, write_json
 
@@ -353,9 +354,10 @@ def fail_attempt(config: PipelineConfig, state: OutputState, input_uri: str, att
                  error: BaseException, **facts: Any) -> None:
     """Mark the attempt failed with its error; never masks that error when the record cannot be written
     (storage down is one way to fail)."""
+    cause = start_failure_in(error)  # an engine that never started: its root error, not Ray's wrapping
+    message = f"EngineStartError: {cause}" if cause else f"{type(error).__name__}: {error}"
     try:
-        end_attempt(config, state, input_uri, attempt, "failed",
-                    error=f"{type(error).__name__}: {error}"[:2000], **facts)
+        end_attempt(config, state, input_uri, attempt, "failed", error=message[:2000], **facts)
     except Exception:
         logger.exception("could not record the failed attempt in %s", join(state.uri, ATTEMPTS_NAME))
 
