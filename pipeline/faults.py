@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -152,6 +153,26 @@ class EngineGate:
                 self._condition.notify_all()
 
 
+_ENGINE_SHUTTING_DOWN = threading.Event()
+
+
+class _ExpectedEngineDeath(logging.Filter):
+    """Drops vLLM's "AsyncLLM output_handler failed" (an EngineDeadError with its traceback) once our
+    engine is shutting down: AsyncLLM.shutdown stops the engine core before it cancels that handler, so
+    a clean end of a job logged the engine's death as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dead = record.exc_info and type(record.exc_info[1]).__name__ == "EngineDeadError"
+        return not (dead and _ENGINE_SHUTTING_DOWN.is_set())
+
+
+def quiet_engine_shutdown() -> None:
+    """In an engine actor, before vLLM starts: the filter above on vLLM's AsyncLLM logger."""
+    async_llm_logger = logging.getLogger("vllm.v1.engine.async_llm")
+    if not any(isinstance(f, _ExpectedEngineDeath) for f in async_llm_logger.filters):
+        async_llm_logger.addFilter(_ExpectedEngineDeath())
+
+
 class CrashIsolatingEngine:
     """Mixin for a vLLM engine stage UDF (Ray's, or pipeline.tools.ray_stages.ToolChainEngineUDF).
 
@@ -160,6 +181,7 @@ class CrashIsolatingEngine:
     """
 
     def __init__(self, *args: Any, ledger_name: str, max_engine_attempts: int, **kwargs: Any):
+        quiet_engine_shutdown()
         with explain_start_failure():  # a failed start says why in one line (pipeline.engine_start)
             super().__init__(*args, **kwargs)
         self.ledger = self.connect_ledger(ledger_name)
@@ -167,6 +189,11 @@ class CrashIsolatingEngine:
         self.gate = EngineGate()
         # Not awaited: calls from one caller reach an actor in order, so this lands before any row's.
         self.ledger.engine_started.remote(os.getpid())
+
+    def __del__(self) -> None:
+        # Ray Data drops the actor when the dataset is done; the parent's __del__ shuts the engine down.
+        _ENGINE_SHUTTING_DOWN.set()
+        super().__del__()
 
     def connect_ledger(self, name: str):
         import ray

@@ -62,3 +62,39 @@ def test_explain_reads_what_the_engines_subprocesses_logged(tmp_path):
     with open(out, "w") as stdout, open(err, "w") as stderr:
         subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=stderr, timeout=60, check=True)
     assert f"CAUGHT {MARKER}KeyError: missing tensor language_model.x" in err.read_text()
+
+
+def test_engine_death_at_shutdown_is_not_logged_as_an_error():
+    """vLLM's AsyncLLM logs "output_handler failed" with an EngineDeadError when its engine core stops
+    before the handler is cancelled: at our shutdown that is expected; before it, it is a real error."""
+    import logging
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from pipeline import faults
+
+    faults.quiet_engine_shutdown()
+    vllm_logger = logging.getLogger("vllm.v1.engine.async_llm")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    def handler_fails():
+        try:
+            raise EngineDeadError()
+        except EngineDeadError:
+            vllm_logger.exception("AsyncLLM output_handler failed.")
+
+    keep = Keep()
+    vllm_logger.addHandler(keep)
+    try:
+        handler_fails()
+        assert len(seen) == 1, "a dead engine while running is logged"
+        faults._ENGINE_SHUTTING_DOWN.set()
+        handler_fails()
+        assert len(seen) == 1, "at shutdown it is not"
+    finally:
+        faults._ENGINE_SHUTTING_DOWN.clear()
+        vllm_logger.removeHandler(keep)
