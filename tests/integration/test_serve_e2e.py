@@ -3,19 +3,26 @@ engine with the tiny Gemma 3, and the official `openai` client.
 
 One app serves this module and test_tools_e2e.py (deploying takes a minute or more here; see
 tests/integration/conftest.py); every test then sends a few fast requests. The queue is configured tiny
-(2 running + 2 waiting) so that overload is reachable.
+(2 running + 2 waiting) so that overload is reachable. One test times requests: the bounded load test
+that issue #19 asks for (a flooding key must not slow another key's requests past 2x).
 """
 import base64
 import concurrent.futures
 import io
 import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import SERVE_E2E_KEYS
+from tests.integration.conftest import FLOOD_KEY, FLOOD_RPM, LIMITED_KEY, LIMITED_RPM, SERVE_E2E_KEYS
+from tests.unit.test_serve_guard import png_declaring
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +167,22 @@ BAD_INPUTS = [
                  "invalid_value", ["`tools` must be set"], id="tool-choice-without-tools"),
     pytest.param(dict(messages=[{"content": "no role"}]), "messages[0]", "invalid_value",
                  ["role: Field required"], id="schema-violation"),
+    # What one request may make the engine do (serve.max_n=4 and max_tokens_cap=256 here).
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], n=1000), "n", "n_exceeded",
+                 ["n 1000 exceeds the limit of 4 (serve.max_n)"], id="n-1000"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], extra_body={"best_of": 50}), "best_of",
+                 "n_exceeded", ["best_of 50 exceeds the limit of 4"], id="best-of"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], n=4, max_tokens=100), "n", "max_tokens_exceeded",
+                 ["n (4) x max_tokens (100) = 400 tokens to generate exceeds the cap of 256"], id="n-x-max-tokens"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], max_tokens=5.0), "max_tokens", "invalid_type",
+                 ["max_tokens must be an integer, got 5.0"], id="float-max-tokens"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], max_tokens="5"), "max_tokens", "invalid_type",
+                 ['max_tokens must be an integer, got "5"'], id="string-max-tokens"),
+    pytest.param(dict(messages=[{"role": "user", "content": "hi"}], max_tokens=9000.0), "max_tokens", "invalid_type",
+                 ["got 9000.0"], id="float-over-cap"),
+    pytest.param(dict(messages=image_message("data:image/png;base64," + base64.b64encode(png_declaring(8000, 8000)).decode())),
+                 "messages[0].content[0].image_url.url", "too_many_pixels",
+                 ["8000x8000 = 64000000 pixels", "over the limit of 24000000"], id="pixel-bomb"),
 ]
 
 
@@ -174,6 +197,139 @@ def test_bad_input_is_a_400_and_the_server_still_answers(client, request_fields,
     for word in words:
         assert word in error.message, error.message
     still_answers(client)
+
+
+@pytest.mark.parametrize("fields, param, code, words", [
+    pytest.param(dict(prompt=["a", "b", "c", "d", "e"]), "prompt", "too_many_prompts",
+                 ["prompt holds 5 prompts; at most 4 per request"], id="prompt-list-over-cap"),
+    pytest.param(dict(prompt=[[1, 2], [3, 4], [5, 6]], max_tokens=100), "prompt", "max_tokens_exceeded",
+                 ["3 prompts x max_tokens (100) = 300"], id="prompts-x-max-tokens"),
+    pytest.param(dict(prompt=["a", "b"], n=2, max_tokens=100), "n", "max_tokens_exceeded",
+                 ["2 prompts x n (2) x max_tokens (100) = 400"], id="prompts-x-n-x-max-tokens"),
+    pytest.param(dict(prompt="a", n=1000), "n", "n_exceeded", ["n 1000 exceeds"], id="n-1000"),
+    pytest.param(dict(prompt="a", max_tokens=5.5), "max_tokens", "invalid_type", ["got 5.5"], id="float-max-tokens"),
+])
+def test_completions_fan_out_is_capped(client, fields, param, code, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**{"model": MODEL, "max_tokens": 4, **fields})
+    assert (info.value.status_code, info.value.param, info.value.code) == (400, param, code), info.value.body
+    for word in words:
+        assert word in info.value.message, info.value.message
+    still_answers(client)
+
+
+def test_n_and_prompt_lists_within_the_cap_work(client):
+    reply = client.completions.create(model=MODEL, prompt="Hello", n=2, max_tokens=4, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in reply.choices) == [0, 1] and reply.usage.completion_tokens == 8
+    listed = client.completions.create(model=MODEL, prompt=["Hello", "Bye"], max_tokens=3,
+                                       extra_body={"ignore_eos": True})
+    assert len(listed.choices) == 2 and listed.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("content, words", [
+    pytest.param(b"[" * 5000 + b"]" * 5000, ["nests 5000 levels deep; at most 64"], id="deep-array"),
+    pytest.param(b'{"model": "gemma-3-12b-it", "prompt": "hi", "stop": ' + b'{"a": ' * 4000 + b"1" + b"}" * 4001,
+                 ["nests 4001 levels deep"], id="deep-object"),
+    pytest.param(b'{"model": "gemma-3-12b-it", "prompt": "hi", "max_tokens": NaN}', ["NaN is not valid JSON"], id="nan"),
+    pytest.param(b'{"model": "gemma-3-12b-it", "prompt": "hi", "n": ' + b"7" * 5000 + b"}", ["4300 digits"],
+                 id="huge-integer"),
+    pytest.param(b'{"model": "gemma-3-12b-it", "prompt": ', ["not valid JSON"], id="truncated"),
+])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_bodies_that_do_not_parse_are_400s(client, endpoint, path, content, words):
+    response = httpx.post(endpoint + path, content=content, timeout=30,
+                          headers={"Authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+    for word in words:
+        assert word in error["message"], error["message"]
+    still_answers(client)
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(endpoint, client):
+    """LIMITED_KEY may send 3 requests a minute. Ten at once, spread by Ray's proxy over both ingress
+    replicas, admit exactly 3: the buckets are shared, not per replica."""
+    headers = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda _: httpx.get(f"{endpoint}/v1/models", headers=headers, timeout=30), range(10)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * LIMITED_RPM + [429] * (10 - LIMITED_RPM), statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert 1 <= int(refused.headers["retry-after"]) <= 60 // LIMITED_RPM
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.json()["error"]["type"] == "requests"
+    assert f"{LIMITED_RPM} requests per minute" in refused.json()["error"]["message"]
+    limited = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=LIMITED_KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        limited.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert info.value.code == "rate_limit_exceeded" and int(info.value.response.headers["retry-after"]) >= 1
+    still_answers(client)  # other keys are not limited
+
+
+# The flooding client, in its own process as another user's would be (threads in this process would
+# also slow the measured client through the GIL), at the lowest CPU priority: on this test machine it
+# shares the server's two cores, and its own CPU use is not the server's doing (an attacker's client runs
+# on the attacker's machine). 4 threads, at most `count` requests in `seconds`, alternating the largest
+# request a key may send and an n=200 one; prints the statuses as JSON.
+FLOOD_SCRIPT = """
+import json, sys, threading, time, httpx
+base, key, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+bodies = [{"model": "gemma-3-12b-it", "prompt": "Count", "max_tokens": 256, "ignore_eos": True},
+          {"model": "gemma-3-12b-it", "prompt": "Count", "n": 200, "max_tokens": 512}]
+numbers, statuses, deadline = iter(range(count)), [], time.monotonic() + seconds
+def flood():
+    with httpx.Client(base_url=base, headers={"Authorization": "Bearer " + key}, timeout=60) as http:
+        for i in numbers:
+            if time.monotonic() > deadline:
+                return
+            statuses.append(http.post("/v1/completions", json=bodies[i % 2]).status_code)
+print("flooding", flush=True)
+threads = [threading.Thread(target=flood) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(statuses), flush=True)
+"""
+
+
+def test_one_key_flooding_does_not_slow_another(endpoint, client):
+    """Bounded load test on loopback: FLOOD_KEY (2 requests and 300 tokens a minute) sends at most 1000
+    requests in at most 8 s from another process; meanwhile another key's normal request keeps within
+    2x of its latency measured unloaded just before (medians of 5)."""
+    def normal_latency() -> float:
+        started = time.perf_counter()
+        reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 8
+        return time.perf_counter() - started
+
+    normal_latency()  # warm
+    unloaded = statistics.median(normal_latency() for _ in range(5))
+
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD_SCRIPT, endpoint, FLOOD_KEY, "1000", "8"],
+                             stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
+    try:
+        assert flood.stdout.readline().strip() == "flooding"
+        time.sleep(0.5)
+        loaded = []
+        for _ in range(5):
+            loaded.append(normal_latency())
+            time.sleep(0.3)
+        flood_running = flood.poll() is None
+        out, _ = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    statuses = json.loads(out)
+    print(f"normal request: {unloaded:.3f}s unloaded, {statistics.median(loaded):.3f}s under a flood of "
+          f"{len(statuses)} requests ({statuses.count(200)} admitted)")
+    assert flood_running, "the flood ended before the normal requests did"
+    assert statuses.count(429) >= 50, f"the flood was not a flood: {len(statuses)} requests"
+    assert set(statuses) <= {200, 400, 429} and statuses.count(200) <= FLOOD_RPM, sorted(set(statuses))
+    assert statistics.median(loaded) <= 2 * unloaded, (
+        f"normal request {statistics.median(loaded):.3f}s under the flood vs {unloaded:.3f}s unloaded "
+        f"({len(statuses)} flood requests: {statuses.count(200)} admitted, {statuses.count(429)} refused)")
 
 
 def test_prompt_over_context_on_completions(client):
