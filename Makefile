@@ -36,7 +36,8 @@ $(WORK)/sample/records.parquet: | $(STAMP)
 
 demo: $(STAMP) $(WORK)/tiny-gemma3/config.json $(WORK)/sample/records.parquet
 	$(PY) -m jobs.caption --input $(WORK)/sample/records.parquet --output $(WORK)/demo-output \
-		--config configs/tiny-cpu.yaml --model $(WORK)/tiny-gemma3 --overwrite
+		--config configs/tiny-cpu.yaml --model $(WORK)/tiny-gemma3 --overwrite \
+		--set "fetch.local_path_prefixes=[$(WORK)/sample/images]"
 	$(PY) -m jobs.show_output $(WORK)/demo-output --rows 6
 
 quantize-demo: $(QSTAMP) $(WORK)/tiny-gemma3/config.json
