@@ -22,7 +22,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .checkpoint import check_checkpoint, inspect_checkpoint, read_checkpoint_file
+from .checkpoint import check_checkpoint, check_loadable, inspect_checkpoint, read_checkpoint_file
 from .config import ConfigError, PipelineConfig, read_api_keys
 from .engine import placement_group, runtime_env, serving_engine_kwargs
 from .runtime import init_ray
@@ -120,6 +120,7 @@ def check_servable(config: PipelineConfig) -> str:
     """The checkpoint's quantization scheme, after checking it is the configured one (as batch does)."""
     info = inspect_checkpoint(config.model.source, config.storage)
     check_checkpoint(info, config.model.quantization)
+    check_loadable(info, config.storage, maps_transformers_siglip=config.engine.normalize_images_on_device)
     return info.scheme
 
 
