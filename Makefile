@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORK ?= work
 STAMP := $(VENV)/.setup-complete
-# llm-compressor needs its own environment (it pins compressed-tensors apart from vLLM, NOTES §1); the
+# llm-compressor needs its own environment (it pins compressed-tensors apart from vLLM, docs/notes.md: Versions); the
 # tests run jobs.quantize with this path's interpreter.
 QVENV := .venv-quantize
 QSTAMP := $(QVENV)/.setup-complete

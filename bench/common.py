@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Workload W1 (NOTES §7): a distinct 896 x 896 image + a ~24-token prompt, 128 generated tokens.
+# Workload W1 (docs/notes.md: GPU baseline): a distinct 896 x 896 image + a ~24-token prompt, 128 generated tokens.
 W1_PROMPT = ("Describe this image in detail: the main objects, their colours and positions, the setting, "
              "and anything unusual.")
 TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

@@ -1,6 +1,6 @@
 """Write an FP8-dynamic compressed-tensors checkpoint from a bf16 one, shard by shard, for benchmarks.
 
-The benchmark machine has no llm-compressor (it cannot share an environment with vLLM, NOTES §1), so
+The benchmark machine has no llm-compressor (it cannot share an environment with vLLM, docs/notes.md: Versions), so
 this writes the same format jobs.quantize produces: every text Linear weight as float8_e4m3fn [out, in]
 with a per-output-channel bf16 `weight_scale` [out, 1] (symmetric, round-to-nearest, absmax / 448),
 dynamic per-token activations; lm_head, vision tower and projector untouched. Only timing depends on it.

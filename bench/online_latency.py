@@ -9,7 +9,7 @@ servers. Printed per level: requests/s, latency and time-to-first-token p50/p99.
 NxT layout is also measured on its first k servers (the others idle), so "4 x TP=1" gives "2 x TP=1"
 and "1 x TP=1" from the same engines at no extra start-up. vLLM's own OpenAI
 server stands in for our Ray Serve endpoint because Ray 2.60's `ray.serve.llm` does not import with the
-vLLM 0.26 the GPU image can run (../shared/gpu/README.md); the engine layout is what is compared.
+vLLM 0.26 the GPU image can run (docs/notes.md: Versions); the engine layout is what is compared.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     python -m bench.plain_vllm CHECKPOINT W1_PARQUET --label plain-fp8 [--n 512] [--text-n 512]
 
 Engine settings are the seed's (max_num_seqs 256, gpu_memory_utilization 0.9, max_model_len 8192, CUDA
-graphs) with vLLM's defaults otherwise, as NOTES §7 measured. Images are handed over already decoded
+graphs) with vLLM's defaults otherwise, as measured for the GPU baseline (docs/notes.md: GPU baseline). Images are handed over already decoded
 (PIL, 896 x 896): the most favourable input for plain vLLM, so the baseline is conservative.
 
 It is vLLM as shipped: our vLLM plugin, installed on the benchmark machine for the pipeline, loads in

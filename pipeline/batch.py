@@ -202,7 +202,7 @@ def processor_config(config: PipelineConfig):
         # A dead engine is still fatal to its actor, which Ray restarts.
         should_continue_on_error=True,
         # "openai" keeps the image part in the message content; the default "string" drops its
-        # placeholder and vLLM then finds 0 image tokens (NOTES §2).
+        # placeholder and vLLM then finds 0 image tokens (docs/notes.md: vLLM on a CPU).
         prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai", **cpu_stage},
         chat_template_stage={"enabled": True, "chat_template": _chat_template(config), **cpu_stage},
         tokenize_stage={"enabled": True, **cpu_stage},

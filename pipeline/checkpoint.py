@@ -1,7 +1,7 @@
 """Read a checkpoint's small config files and tell its quantization scheme, before any GPU is taken.
 
 A job that would load the wrong checkpoint (bf16 where FP8 was meant, or an FP8 one whose vision tower
-was quantized, which gives NaN image logits: NOTES §4) fails here, on the driver, with a message that
+was quantized, which gives NaN image logits: docs/notes.md: FP8-dynamic with llm-compressor) fails here, on the driver, with a message that
 says what the checkpoint holds.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .storage import is_s3, make_s3_client, split_s3
 logger = logging.getLogger(__name__)
 
 # Linear modules that must stay bf16 in Gemma 3: a quantized vision tower breaks image understanding
-# (NaN image logits, NOTES §4); an untied lm_head costs accuracy for little memory. (The multimodal
+# (NaN image logits, docs/notes.md: FP8-dynamic with llm-compressor); an untied lm_head costs accuracy for little memory. (The multimodal
 # projector's weight is a bare Parameter in both loaders, never a quantization target.) Each is probed
 # under the names vLLM matches the ignore list against (the checkpoint's Google layout, which vLLM's
 # Gemma 3 module names follow) and under the names transformers >= 5 gives the modules on reload.

@@ -80,7 +80,7 @@ class EngineSection(_Section):
     max_num_seqs: int = Field(
         default=256, ge=1,
         description="Sequences the engine schedules at once. vLLM's default of 1024 on 80 GB cards ran "
-        "out of memory at run time with images (NOTES §7); 256 held.",
+        "out of memory at run time with images (docs/notes.md: GPU baseline); 256 held.",
     )
     max_num_batched_tokens: Optional[int] = Field(
         default=8192, ge=256,
@@ -91,7 +91,7 @@ class EngineSection(_Section):
     enforce_eager: bool = Field(
         default=False,
         description="Disable CUDA graphs. Faster start-up, slower decoding (FP8 W1 dropped from ~20 to "
-        "12 images/s on an H100, NOTES §7). Tests on CPU set it.",
+        "12 images/s on an H100, docs/notes.md: GPU baseline). Tests on CPU set it.",
     )
     kv_cache_memory_bytes: Optional[int] = Field(
         default=None, ge=1,

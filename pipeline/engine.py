@@ -14,7 +14,7 @@ from .vllm_plugin import GEMMA3_FAST_IMAGES
 
 
 def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
-    """vLLM engine arguments, all set explicitly: Ray's batch defaults are small (NOTES §6)."""
+    """vLLM engine arguments, all set explicitly: Ray's batch defaults are small (docs/notes.md: Ray Data)."""
     engine = config.engine
     kwargs: dict[str, Any] = {
         "tensor_parallel_size": engine.tensor_parallel_size,
@@ -77,7 +77,7 @@ def placement_group(config: PipelineConfig) -> dict[str, Any]:
     """One bundle per engine worker. STRICT_PACK keeps a TP group on one node (NVLink, not the network)."""
     count = workers_per_replica(config)
     if config.engine.device == "cpu":
-        # Without explicit CPU bundles the engine asks Ray for a GPU and never schedules (NOTES §2).
+        # Without explicit CPU bundles the engine asks Ray for a GPU and never schedules (docs/notes.md: vLLM on a CPU).
         return {"bundles": [{"CPU": 1}] * count, "strategy": "STRICT_PACK"}
     # A fractional GPU (engine.gpu_share) lets Ray place several one-GPU replicas on each GPU.
     return {"bundles": [{"GPU": config.engine.gpu_share, "CPU": 1}] * count, "strategy": "STRICT_PACK"}

@@ -58,7 +58,7 @@ def prepare_image(data: bytes, limits: ImageSection, target: ImageTarget) -> Ima
     image = _open(data, limits)
     if image.format in ("JPEG", "MPO"):
         # Decode at a reduced scale in the DCT domain (still >= the target on both sides): on a 12 MP
-        # photo this halves decode time (NOTES §7).
+        # photo this halves decode time (docs/notes.md: GPU baseline).
         image.draft("RGB", (target.size_px, target.size_px))
     try:
         image.load()

@@ -6,10 +6,10 @@
 
 FP8_DYNAMIC: weights float8_e4m3fn, one scale per output channel, symmetric, round-to-nearest, no
 calibration data; activations quantized per token at run time by the engine. `model_free_ptq` reads one
-safetensors shard at a time, so the 12B model is never whole in RAM (`oneshot` held 24.4 GB, NOTES §4).
+safetensors shard at a time, so the 12B model is never whole in RAM (`oneshot` held 24.4 GB, docs/notes.md: FP8-dynamic with llm-compressor).
 
 This runs in its own environment (`.venv-quantize`, the `quantize` extra): llm-compressor pins
-compressed-tensors 0.19, vLLM 0.29 pins 0.17 (NOTES §1). llm-compressor is imported inside
+compressed-tensors 0.19, vLLM 0.29 pins 0.17 (docs/notes.md: Versions). llm-compressor is imported inside
 `quantize_shards` only, so this module imports anywhere and the batch/serve code never imports it.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Regexes, not names: llm-compressor would write exact names in the checkpoint's layout, which
 # transformers does not match on reload, so it quantizes the vision tower and image logits are NaN
-# (NOTES §4). `model_free_ptq` treats every 2-D tensor called `weight` as a Linear unless ignored, hence
+# (docs/notes.md: FP8-dynamic with llm-compressor). `model_free_ptq` treats every 2-D tensor called `weight` as a Linear unless ignored, hence
 # the embeddings too (llm-compressor's own model_free examples ignore `model.embed_tokens`).
 FP8_DYNAMIC_IGNORE = (
     "re:.*lm_head",
@@ -130,7 +130,7 @@ def quantize_shards(source_dir: Path, output_dir: Path, options: QuantizeOptions
     `model_free_ptq` also copies every non-weight file (config, tokenizer, processor, chat template),
     writes `quantization_config` into config.json and rewrites the safetensors index.
     """
-    from llmcompressor import model_free_ptq  # the quantize environment only (NOTES §1)
+    from llmcompressor import model_free_ptq  # the quantize environment only (docs/notes.md: Versions)
 
     model_free_ptq(model_stub=str(source_dir), save_directory=str(output_dir), scheme=SCHEME,
                    ignore=list(options.ignore), max_workers=options.max_workers, device=options.device)

@@ -28,7 +28,7 @@ REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
 # Round-to-nearest to e4m3 (3 mantissa bits) is off by at most 2^-4 of a value in the normal range, so
 # a layer's relative error above that means something other than rounding went wrong. Real Gemma 3
-# layers sit near 2.6e-2 (NOTES §4).
+# layers sit near 2.6e-2 (docs/notes.md: FP8-dynamic with llm-compressor).
 DEFAULT_MAX_LAYER_ERROR = 2.0 ** -4
 QUANTIZE_PACKAGES = ("gemma3-fp8-pipeline", "llmcompressor", "compressed-tensors", "torch", "transformers",
                      "safetensors")

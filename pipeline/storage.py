@@ -35,7 +35,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 def make_filesystem(storage: StorageSection, uri: str) -> tuple[Optional[pafs.FileSystem], str]:
     """The pyarrow filesystem and in-filesystem path for `uri` (local path or s3://).
 
-    For s3:// an explicit S3FileSystem is built, because a bare one ignores $AWS_ENDPOINT_URL (NOTES §5).
+    For s3:// an explicit S3FileSystem is built, because a bare one ignores $AWS_ENDPOINT_URL (docs/notes.md: S3 on a test machine).
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -160,7 +160,7 @@ def abort_multipart_uploads(storage: StorageSection, uri: str) -> int:
     """Abort every unfinished multipart upload under an s3:// prefix; returns how many. Local: 0.
 
     A writer killed mid-upload (a preempted node) leaves its parts stored and billed, and nothing ever
-    completes or aborts them (NOTES §5); their object never becomes visible, so this only frees space. Run
+    completes or aborts them (docs/notes.md: S3 on a test machine); their object never becomes visible, so this only frees space. Run
     it before a job writes to the prefix, never while another job writes there: it cannot tell a live
     upload from an orphan.
     """

@@ -2,7 +2,7 @@
 
 Why: with images, vLLM's single front-end process runs the Hugging Face image processor for every
 request (rescale, normalise, stack on 896 x 896 float tensors: ~28 ms of its ~36 ms per request on an
-H100 host, NOTES §7), so a card that could caption ~70 images/s waits on one CPU core at ~20-30. Our CPU
+H100 host, docs/notes.md: GPU baseline), so a card that could caption ~70 images/s waits on one CPU core at ~20-30. Our CPU
 workers already resize images to the model's square size; this variant makes the front-end only stack
 those pixels as uint8 (4x fewer bytes to serialise to the engine core, no float work) and folds rescale
 + normalise into one fused multiply-add on the GPU before the vision tower.

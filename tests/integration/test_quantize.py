@@ -6,7 +6,7 @@ Two sources: the tiny Gemma 3 in Google's layout, and one saved as transformers 
 quantized, captioned and served: the layout vLLM cannot load as it is must come out loadable.
 
 The tiny Gemma 3 is quantized once per module, as a subprocess of `.venv-quantize/bin/python` (llm-compressor
-cannot live in the vLLM environment these tests run in, NOTES §1). The checks then read its tensors
+cannot live in the vLLM environment these tests run in, docs/notes.md: Versions). The checks then read its tensors
 here with safetensors, independently of the job's own verification.
 """
 import json
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-MAX_LAYER_ERROR = 2.9e-2  # e4m3 round-to-nearest sits near 2.6e-2 (NOTES §4)
+MAX_LAYER_ERROR = 2.9e-2  # e4m3 round-to-nearest sits near 2.6e-2 (docs/notes.md: FP8-dynamic with llm-compressor)
 
 
 def tensors(directory):
@@ -217,7 +217,7 @@ def test_transformers_reloads_it_with_finite_image_logits(tiny_model, fp8_model,
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95, "FP8 logits track the bf16 model's"
 
     # Negative control, same tensors: the ignore list as exact checkpoint names (what oneshot writes).
-    # vLLM's names match them; transformers' do not, so it quantizes the vision tower: NaN (NOTES §4).
+    # vLLM's names match them; transformers' do not, so it quantizes the vision tower: NaN (docs/notes.md: FP8-dynamic with llm-compressor).
     exact = tmp_path / "exact-names"
     exact.mkdir()
     for path in fp8_model.iterdir():
