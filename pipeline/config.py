@@ -658,6 +658,28 @@ class ReportSection(_Section):
     example_ids_per_error_kind: int = Field(
         default=5, ge=0, description="Example ids the report lists for each error kind.",
     )
+    gallery_size: int = Field(
+        default=24, ge=0, le=500,
+        description="Answered rows the report's gallery shows (thumbnail, prompt, text, finish reason, "
+        "tokens, tool calls), a fixed-seed sample. 0 turns the gallery off and the CPU workers make no "
+        "thumbnails. Each thumbnail is a JPEG of a few KB inline in report.html: 24 keep the page well "
+        "under 1 MB.",
+    )
+    gallery_errors_per_kind: int = Field(
+        default=3, ge=0, le=20,
+        description="Error rows the gallery shows for each error kind: the thumbnail when the image "
+        "decoded and is in the sample, otherwise the row's error message only.",
+    )
+    gallery_seed: int = Field(
+        default=0, ge=0,
+        description="Seed of the gallery's sample: the same seed picks the same rows on every run and "
+        "rebuild over the same input files.",
+    )
+    thumbnail_px: int = Field(
+        default=128, ge=32, le=384,
+        description="Side of the gallery's square thumbnails in pixels (made from the image as the model "
+        "sees it). Larger ones cost page size: about 4 KB each at 128.",
+    )
 
 
 class PipelineConfig(_Section):

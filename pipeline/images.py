@@ -72,6 +72,16 @@ def prepare_image(data: bytes, limits: ImageSection, target: ImageTarget) -> Ima
     return image
 
 
+def thumbnail_jpeg(image: Image.Image, side_px: int, quality: int = 70) -> bytes:
+    """A small JPEG of a prepared image (already decoded, RGB and at the model's size) for the report's
+    gallery: the picture as the model saw it. A box filter is enough at this reduction and costs
+    ~1 ms for 896 px -> 128 px; quality 70 keeps a photo at about 3-5 KB."""
+    small = image.resize((side_px, side_px), resample=Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
 # EXIF fields worth telling a model about (IFD0 and the Exif sub-IFD), by Pillow's tag name.
 _EXIF_FIELDS = ("Make", "Model", "DateTime", "DateTimeOriginal", "Orientation", "Software", "Artist",
                 "Copyright", "ExposureTime", "FNumber", "ISOSpeedRatings", "FocalLength", "LensModel")

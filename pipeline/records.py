@@ -72,6 +72,16 @@ TOOL_CALLS = "tool_calls"
 TRANSCRIPT = "transcript"
 TOOL_FIELDS = [pa.field(TOOL_CALLS, pa.string()), pa.field(TRANSCRIPT, pa.string())]
 OUTPUT_NAMES = frozenset(f.name for f in OUTPUT_FIELDS + TOOL_FIELDS)
+# A small JPEG of the image as the model saw it, for the run report's gallery; null on all but a sample.
+# Storage: a thumbnail on every row would add ~4 KB x rows (4 GB for a million-row job) that nobody
+# looks at, so the prepare stage makes one only for rows whose seeded hash of `row_hash` is among the
+# smallest it has seen (pipeline/gallery.py): a few hundred thumbnails per CPU worker whatever the job's
+# size, which always include the report's sample; all other rows hold a null, which parquet stores as
+# one bit. It travels from the prepare stage to the writer as a pass-through value, which is why it is
+# not in OUTPUT_NAMES; an input column of this name is replaced, never passed through, so a record
+# cannot put its own picture into the report.
+THUMBNAIL = "thumbnail"
+THUMBNAIL_FIELD = pa.field(THUMBNAIL, pa.binary())
 
 # Working columns carried between our stages (never written).
 PIXELS = "_pixels"          # raw RGB bytes of the prepared image
@@ -140,9 +150,9 @@ def output_schema(input_schema: pa.Schema, passthrough: Optional[Iterable[str]] 
     names = list(passthrough) if passthrough is not None else [
         n for n in input_schema.names if n not in (ID, IMAGE)
     ]
-    fields = list(OUTPUT_FIELDS) + (list(TOOL_FIELDS) if tools else [])
+    fields = list(OUTPUT_FIELDS) + [THUMBNAIL_FIELD] + (list(TOOL_FIELDS) if tools else [])
     for name in names:
-        if name in OUTPUT_NAMES or name == IMAGE or name.startswith("_"):
+        if name in OUTPUT_NAMES or name in (IMAGE, THUMBNAIL) or name.startswith("_"):
             continue
         if name not in input_schema.names:
             raise ValueError(f"batch.passthrough_columns names {name!r}, which the input does not have")

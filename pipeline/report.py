@@ -6,12 +6,20 @@ rebuilt at any time (`python -m jobs.report OUTPUT`): the manifest (counts, thro
 versions) and the output rows themselves (per-row finish times, engine latencies, tokens, error kinds
 with example ids). Its numbers are the manifest's, shown, never recounted differently.
 
+Its gallery shows a fixed-seed sample of answered rows (thumbnail, prompt, text, finish reason, tokens,
+tool calls) and a few rows of each error kind. The thumbnails are the `thumbnail` column, which the prepare
+stage fills for a small hash-picked sample of rows only (pipeline/gallery.py says why that sample always
+holds the gallery's rows); the gallery's rows are read back with a filter on their row hashes, so a
+million-row output is never read whole for it. A row refused before its image decoded shows its error
+message and nothing else.
+
 The files live in `_report/` because parquet readers (pyarrow datasets, Ray Data) skip names that start
 with `_`: a reader of the output prefix never trips over HTML or PNG files. The HTML is self-contained
 (inline CSS, charts as base64 data URIs, no script), so it can be mailed or opened from S3 as is.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +41,14 @@ REPORT_HTML = "report.html"
 CHARTS = ("throughput", "latency", "tokens", "errors")
 
 _COLUMNS = (R.ID, R.SOURCE, R.ERROR, R.ERROR_KIND, R.ERROR_STAGE, R.PROMPT_TOKENS, R.COMPLETION_TOKENS,
-            R.FINISHED_AT, R.ENGINE_LATENCY_S)
+            R.FINISHED_AT, R.ENGINE_LATENCY_S, R.ROW_HASH)
+# What a gallery entry shows; read only for the sampled rows (`load_rows`), never for the whole output.
+GALLERY_COLUMNS = (R.ID, R.SOURCE, R.ROW_HASH, R.PROMPT, R.TEXT, R.FINISH_REASON, R.PROMPT_TOKENS,
+                   R.COMPLETION_TOKENS, R.TOOL_CALLS, R.ERROR, R.ERROR_KIND, R.ERROR_STAGE, R.THUMBNAIL)
+# Stages after the image decoded: an error row of these may have a thumbnail. Rows refused before (validate,
+# fetch, image) never do: the report shows their error message and nothing else of the record.
+DECODED_STAGES = frozenset({R.Stage.ENGINE.value, R.Stage.TOOLS.value})
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass
@@ -45,6 +60,9 @@ class RunReport:
     cost: dict[str, Any]
     errors: list[dict[str, Any]]
     charts: dict[str, bytes] = field(default_factory=dict)
+    # The gallery: sampled answered rows, and per error kind a few error rows (`gallery_entry` dicts).
+    gallery: list[dict[str, Any]] = field(default_factory=list)
+    gallery_errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def report_uri(output_uri: str) -> str:
@@ -107,6 +125,88 @@ def error_examples(table: pa.Table, per_kind: int) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: (-e["count"], e["kind"]))
 
 
+def gallery_picks(table: pa.Table, size: int, per_kind: int, seed: int) -> tuple[list[int], dict[str, list[int]]]:
+    """Positions in `table` of the gallery's rows: the `size` answered rows with the smallest sample keys,
+    and for each error kind its `per_kind` error rows with the smallest keys (pipeline/gallery.py)."""
+    from .gallery import sample_keys
+
+    if table.num_rows == 0 or (size <= 0 and per_kind <= 0):
+        return [], {}
+    hashes = table[R.ROW_HASH].to_pylist() if R.ROW_HASH in table.column_names else [None] * table.num_rows
+    keys = sample_keys(hashes, table[R.ID].to_pylist(), seed)
+    kinds = table[R.ERROR_KIND].to_pylist()
+    by_kind: dict[Optional[str], list[int]] = {}
+    for position, (key, kind) in enumerate(zip(keys, kinds)):
+        if key is not None:
+            by_kind.setdefault(kind, []).append(position)
+    ordered = {kind: sorted(positions, key=keys.__getitem__) for kind, positions in by_kind.items()}
+    answered = ordered.pop(None, [])[: max(size, 0)]
+    return answered, {kind: positions[:per_kind] for kind, positions in sorted(ordered.items()) if per_kind > 0}
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return ("hash", row[R.ROW_HASH]) if row.get(R.ROW_HASH) is not None else ("id", row.get(R.ID))
+
+
+def load_rows(config: PipelineConfig, output_uri: str, table: pa.Table, positions: list[int]) -> pa.Table:
+    """The gallery columns of the rows of `table` at `positions`, read with a filter on their row hashes
+    (or ids), so only the row groups that hold them are decoded."""
+    fs, path = make_filesystem(config.storage, output_uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    picked = table.take(positions) if positions else table.slice(0, 0)
+    wanted = [_row_key(row) for row in picked.select([c for c in (R.ROW_HASH, R.ID) if c in picked.column_names]).to_pylist()]
+    hashes = [value for tag, value in wanted if tag == "hash"]
+    ids = [value for tag, value in wanted if tag == "id" and value is not None]
+    names = dataset.schema.names
+    condition = None
+    if hashes and R.ROW_HASH in names:
+        condition = pc.field(R.ROW_HASH).isin(pa.array(hashes, type=dataset.schema.field(R.ROW_HASH).type))
+    if ids:
+        by_id = pc.field(R.ID).isin(pa.array(ids, type=pa.string()))
+        condition = by_id if condition is None else (condition | by_id)
+    columns = [c for c in GALLERY_COLUMNS if c in names]
+    if condition is None:
+        return dataset.schema.empty_table().select(columns)
+    return dataset.to_table(columns=columns, filter=condition)
+
+
+def gallery_entry(row: dict[str, Any], default_prompt: Optional[str]) -> dict[str, Any]:
+    """One row as the gallery shows it. A thumbnail only for a row whose image decoded in the job (answered,
+    or failed in the engine or tools) and only if it is a JPEG; the prompt is the row's, or the run's
+    default when the output has no prompt column."""
+    decoded = row.get(R.ERROR_KIND) is None or row.get(R.ERROR_STAGE) in DECODED_STAGES
+    thumbnail = row.get(R.THUMBNAIL) if decoded else None
+    if thumbnail is not None and not bytes(thumbnail).startswith(_JPEG_MAGIC):
+        thumbnail = None
+    tool_calls = row.get(R.TOOL_CALLS)
+    if tool_calls:
+        try:
+            tool_calls = json.loads(tool_calls)
+        except ValueError:
+            pass
+    prompt = row.get(R.PROMPT) if R.PROMPT in row else default_prompt
+    return {"id": row.get(R.ID), "source": row.get(R.SOURCE), "row_hash": row.get(R.ROW_HASH),
+            "prompt": prompt, "prompt_is_default": R.PROMPT not in row, "text": row.get(R.TEXT),
+            "finish_reason": row.get(R.FINISH_REASON), "prompt_tokens": row.get(R.PROMPT_TOKENS),
+            "completion_tokens": row.get(R.COMPLETION_TOKENS), "tool_calls": tool_calls or None,
+            "error": row.get(R.ERROR), "error_kind": row.get(R.ERROR_KIND), "error_stage": row.get(R.ERROR_STAGE),
+            "decoded": decoded, "thumbnail": bytes(thumbnail) if thumbnail is not None else None}
+
+
+def gallery_entries(details: pa.Table, table: pa.Table, positions: list[int],
+                    default_prompt: Optional[str]) -> list[dict[str, Any]]:
+    """`gallery_entry` for the rows of `table` at `positions`, in that order, from `details` (the same rows
+    with the gallery columns)."""
+    found = {_row_key(row): row for row in details.to_pylist()}
+    keys = table.select([c for c in (R.ROW_HASH, R.ID) if c in table.column_names]).take(positions).to_pylist() \
+        if positions else []
+    return [gallery_entry(found[_row_key(k)], default_prompt) for k in keys if _row_key(k) in found]
+
+
+def run_default_prompt(config: PipelineConfig, manifest: dict[str, Any]) -> Optional[str]:
+    return ((manifest.get("config") or {}).get("batch") or {}).get("default_prompt", config.batch.default_prompt)
+
+
 def _percentiles(values: list[float]) -> dict[str, Optional[float]]:
     import numpy as np
 
@@ -118,8 +218,9 @@ def _percentiles(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Table,
-                 charts: bool = True) -> RunReport:
-    """The report's content from the manifest and the output's columns (no I/O)."""
+                 charts: bool = True, gallery_rows: Optional[pa.Table] = None) -> RunReport:
+    """The report's content from the manifest and the output's columns (no I/O). The gallery's rows come
+    from `gallery_rows` (`load_rows` of the sample), or from `table` itself when it has their columns."""
     from . import report_charts
 
     counts, tokens, speed = manifest["counts"], manifest["tokens"], manifest["throughput"]
@@ -142,6 +243,14 @@ def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Tab
     }
     report = RunReport(manifest, figures, cost_estimate(config, manifest),
                        error_examples(table, config.report.example_ids_per_error_kind))
+    if config.report.gallery_size > 0:
+        sampled, sampled_errors = gallery_picks(table, config.report.gallery_size,
+                                                config.report.gallery_errors_per_kind, config.report.gallery_seed)
+        details = gallery_rows if gallery_rows is not None else table
+        prompt = run_default_prompt(config, manifest)
+        report.gallery = gallery_entries(details, table, sampled, prompt)
+        report.gallery_errors = {kind: gallery_entries(details, table, positions, prompt)
+                                 for kind, positions in sampled_errors.items()}
     if charts:
         started = datetime.fromisoformat(manifest["started"]).timestamp()
         if R.FINISHED_AT in table.column_names:
@@ -165,7 +274,13 @@ def write_report(config: PipelineConfig, output_uri: str, manifest: dict[str, An
     """Build and write `_report/report.html` and `_report/<chart>.png`; returns the HTML's URI."""
     from .report_html import render_html
 
-    report = build_report(config, manifest, load_output_columns(config, output_uri))
+    table = load_output_columns(config, output_uri)
+    details = None
+    if config.report.gallery_size > 0:
+        answered, errors = gallery_picks(table, config.report.gallery_size, config.report.gallery_errors_per_kind,
+                                         config.report.gallery_seed)
+        details = load_rows(config, output_uri, table, answered + [p for ps in errors.values() for p in ps])
+    report = build_report(config, manifest, table, gallery_rows=details)
     directory = join(output_uri, REPORT_DIR)
     for name, png in report.charts.items():
         write_bytes(config.storage, join(directory, f"{name}.png"), png)

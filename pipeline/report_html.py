@@ -41,6 +41,15 @@ table.list th { background: #f9fafb; font-size: 13px; color: #374151; }
 code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 pre { background: #fff; padding: 12px; border-radius: 8px; overflow-x: auto; }
 ul.examples { margin: 0; padding-left: 18px; } .muted { color: #6b7280; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 10px; }
+.sample { display: flex; gap: 10px; background: #fff; border-radius: 8px; padding: 10px; margin: 0;
+          box-shadow: 0 1px 2px #0001; }
+.sample img, .sample .noimg { width: 128px; height: 128px; flex: none; border-radius: 4px; object-fit: cover; }
+.sample .noimg { background: #f3f4f6; color: #6b7280; font-size: 12px; display: flex; align-items: center;
+                 justify-content: center; text-align: center; padding: 6px; box-sizing: border-box; }
+.sample .body { min-width: 0; font-size: 13px; } .sample .text { white-space: pre-wrap; margin: 4px 0;
+                overflow-wrap: anywhere; } .sample .error { color: #991b1b; overflow-wrap: anywhere; }
+.sample .meta { color: #6b7280; font-size: 12px; } .sample .prompt { color: #374151; font-style: italic; }
 """
 
 
@@ -155,6 +164,86 @@ def _errors(report: RunReport) -> str:
             f'<th>example ids</th><th>first message</th></tr>{"".join(rows)}</table>')
 
 
+GALLERY_TEXT_CHARS = 1200
+
+
+def _thumbnail(entry: dict[str, Any]) -> str:
+    if entry["thumbnail"] is not None:
+        data = base64.b64encode(entry["thumbnail"]).decode("ascii")
+        return f'<img data-thumbnail alt="image of {_e(entry["id"])}" src="data:image/jpeg;base64,{data}">'
+    if not entry["decoded"]:
+        why = "refused before its image decoded"
+    else:
+        why = "no thumbnail stored for this row (outside the job's thumbnail sample)"
+    return f'<div class="noimg" data-no-thumbnail="{_e(why)}">{_e(why)}</div>'
+
+
+def gallery_card(entry: dict[str, Any]) -> str:
+    """One row: its thumbnail (or why there is none), id, prompt, text or error, finish reason, tokens and
+    tool calls. Every value is escaped; the only image is the row's own JPEG thumbnail as a data URI."""
+    meta = []
+    if entry["finish_reason"] is not None:
+        meta.append(f'finish <code data-field="finish_reason">{_e(entry["finish_reason"])}</code>')
+    if entry["prompt_tokens"] is not None:
+        meta.append(f'<span data-field="prompt_tokens">{_fmt(entry["prompt_tokens"])}</span> prompt + '
+                    f'<span data-field="completion_tokens">{_fmt(entry["completion_tokens"])}</span> generated tokens')
+    body = [f'<div><code data-field="id">{_e(entry["id"]) if entry["id"] is not None else "(no id)"}</code></div>']
+    if entry["prompt"] is not None:
+        label = "default prompt: " if entry["prompt_is_default"] else "prompt: "
+        body.append(f'<div class="prompt"><span class="muted">{label}</span>'
+                    f'<span data-field="prompt">{_e(_shorten(entry["prompt"], 300))}</span></div>')
+    if entry["error"] is not None:
+        body.append(f'<div class="error" data-field="error">{_e(_shorten(entry["error"], 400))}</div>')
+    else:
+        text = entry["text"]
+        # NUL is dropped by HTML parsers; shown as U+FFFD, as it would be in any text view of the row.
+        shown = _shorten(text, GALLERY_TEXT_CHARS).replace("\x00", "\ufffd") if text else ""
+        body.append(f'<p class="text" data-field="text">{_e(shown)}</p>' if text
+                    else '<p class="text muted" data-field="text"></p>')
+    if entry["tool_calls"]:
+        calls = entry["tool_calls"] if isinstance(entry["tool_calls"], str) else json.dumps(entry["tool_calls"],
+                                                                                            ensure_ascii=False)
+        body.append(f'<div>tool calls: <code data-field="tool_calls">{_e(_shorten(calls, 400))}</code></div>')
+    if meta:
+        body.append(f'<div class="meta">{" &middot; ".join(meta)}</div>')
+    row_hash = "" if entry["row_hash"] is None else str(entry["row_hash"])
+    kind = f' data-sample-error-kind="{_e(entry["error_kind"])}"' if entry["error_kind"] else ""
+    return (f'<figure class="sample" data-row-id="{_e(entry["id"])}" data-row-hash="{_e(row_hash)}"{kind}>'
+            f'{_thumbnail(entry)}<div class="body">{"".join(body)}</div></figure>')
+
+
+def gallery_html(answered: list[dict[str, Any]], errors: dict[str, list[dict[str, Any]]]) -> str:
+    """The gallery: sampled answered rows, then a few rows of each error kind."""
+    parts = [f'<div class="gallery" data-section="gallery">{"".join(gallery_card(e) for e in answered)}</div>'
+             if answered else '<p data-section="gallery">No answered rows to show.</p>']
+    for kind, entries in errors.items():
+        parts.append(f'<h3><code>{_e(kind)}</code></h3><div class="gallery" data-section="gallery-errors" '
+                     f'data-kind="{_e(kind)}">{"".join(gallery_card(e) for e in entries)}</div>')
+    return "".join(parts)
+
+
+def _gallery(report: RunReport) -> str:
+    if not report.gallery and not report.gallery_errors:
+        return ""
+    seed = ((report.manifest.get("config") or {}).get("report") or {}).get("gallery_seed")
+    return ('<h2>Gallery</h2><p class="muted">A fixed-seed sample of the answered rows, each with its image as '
+            "the model saw it (resized to the model's square input), then a few rows of each error kind. "
+            "Rows refused before their image decoded show their error message only. "
+            "<code>python -m jobs.show_output OUTPUT --html FILE --ids ...</code> shows any other rows.</p>"
+            + gallery_html(report.gallery, report.gallery_errors))
+
+
+def gallery_page(title: str, answered: list[dict[str, Any]], errors: dict[str, list[dict[str, Any]]]) -> str:
+    """A page with only a gallery (`jobs.show_output --html`)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
+<body><main><h1>{_e(title)}</h1>
+{gallery_html(answered, errors)}
+</main></body></html>
+"""
+
+
 def _shorten(text: Optional[str], width: int) -> str:
     text = text or ""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -189,6 +278,7 @@ model {_e(model.get("source"))} ({_e(model.get("scheme"))})</p>
 {_charts(report)}
 <h2>Errors by kind</h2>
 {_errors(report)}
+{_gallery(report)}
 <h2>Run</h2>
 {_key_values(run, "run")}
 <h2>Model</h2>

@@ -4,8 +4,9 @@ One job runs per module (real vLLM CPU engine, real local Ray) over a small loca
 bad records, hostile ones among them (system files, traversal, /proc, a FIFO, symlinks out of the allowed
 folder, a server dribbling a byte every 2 s on loopback, a bucket off the allow-list). While it runs, the
 test scrapes Ray's Prometheus endpoint; after it, every test reads the same output: the report's numbers
-against the manifest and the output rows, its charts, a headless Chromium screenshot of the page, the
-status lines in the job's log, and the dry run's plan.
+against the manifest and the output rows, its charts, a headless Chromium screenshot of the page, its
+gallery as headless Chromium decodes it (driven over the DevTools protocol on loopback), the status lines
+in the job's log, and the dry run's plan.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from tests.conftest import TINY_CPU_CONFIG, run_job
 
 pytestmark = pytest.mark.integration
 
-GOOD = 10
+GOOD = 24  # the gallery's default size: the report shows every answered row
 PRICE_USD = 2.5
 # Records naming what a batch job must never read, each with the error kind it must become. Local ones all
 # get one kind and one message (not_found), so they cannot tell which files exist.
@@ -311,7 +312,8 @@ def test_hostile_records_are_error_rows_with_no_byte_of_their_files(run):
     assert "fetch.timeout_s" in by_id["hostile-slow-server"]["error"]
     assert "fetch.s3_prefixes" in by_id["hostile-foreign-bucket"]["error"]
     # The good record by path under the allowed folder was read and answered.
-    assert by_id["good-09"]["error"] is None and by_id["good-09"]["image_uri"].endswith("/images/good.jpg")
+    by_path = by_id[f"good-{GOOD - 1:02d}"]
+    assert by_path["error"] is None and by_path["image_uri"].endswith("/images/good.jpg")
     # No byte of any file the records named, nor of the old "starts with b'...'" echo, in the rows or report.
     cells = "\n".join(str(v) for r in run.rows for v in r.values() if isinstance(v, str))
     for text in (cells, run.html):
@@ -354,8 +356,9 @@ def test_report_is_self_contained(run):
     assert page.tags["script"] == 0 and page.tags["link"] == 0 and page.tags["iframe"] == 0
     assert not re.search(r'(src|href)="(https?:)?//', run.html), "nothing loads from the network"
     assert sorted(page.charts) == ["errors", "latency", "throughput", "tokens"]
-    images = [i for i in page.images if i["tag"] == "img"]
+    images = [i for i in page.images if i["tag"] == "img" and "data-thumbnail" not in i]
     assert len(images) == 4
+    assert all(i["src"].startswith("data:image/jpeg;base64,") for i in page.images if "data-thumbnail" in i)
     for image in images:
         assert image["src"].startswith("data:image/png;base64,")
         decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
@@ -438,3 +441,159 @@ def test_report_can_be_rebuilt_with_another_price(run, tmp_path):
     assert after["cost_usd"] == pytest.approx(run.manifest["wall_s"] / 3600 * PRICE_USD * 2, abs=1e-6)
     assert after["cost_usd"] == pytest.approx(before["cost_usd"] * 2, abs=2e-6)
     assert {k: after[k] for k in ("rows_out", "ok", "errors")} == {k: before[k] for k in ("rows_out", "ok", "errors")}
+
+
+# ---- the gallery ----
+
+GALLERY_JS = """(async () => {
+  const out = [];
+  for (const fig of document.querySelectorAll('figure.sample')) {
+    const img = fig.querySelector('img[data-thumbnail]');
+    const text = fig.querySelector('[data-field=text]');
+    const entry = {id: fig.dataset.rowId, kind: fig.dataset.sampleErrorKind || null,
+                   text: text ? text.textContent : null, image: null,
+                   finish: (fig.querySelector('[data-field=finish_reason]') || {}).textContent || null,
+                   error: (fig.querySelector('[data-field=error]') || {}).textContent || null};
+    if (img) {
+      await img.decode();
+      const canvas = document.createElement('canvas');
+      canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+      const context = canvas.getContext('2d');
+      context.drawImage(img, 0, 0);
+      const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+      const sum = [0, 0, 0];
+      for (let i = 0; i < data.length; i += 4) { sum[0] += data[i]; sum[1] += data[i + 1]; sum[2] += data[i + 2]; }
+      entry.image = {width: img.naturalWidth, height: img.naturalHeight, shown: [img.width, img.height],
+                     mean: sum.map(v => v / (data.length / 4)), src: img.src};
+    }
+    out.push(entry);
+  }
+  return JSON.stringify(out);
+})()"""
+
+
+def _chromium_evaluate(html: Path, profile: Path, expression: str):
+    """Open `html` in headless Chromium and evaluate `expression` in it over the DevTools protocol (a
+    websocket on 127.0.0.1). The report has no script of its own; this is the test looking at what the
+    browser decoded."""
+    from websockets.sync.client import connect
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert chromium, "headless Chromium is required: `make test-deps` installs it (apt-get install chromium)"
+    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
+                                f"--user-data-dir={profile}", html.as_uri()],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and browser.poll() is None, "Chromium did not open its DevTools port"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        while True:
+            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10))
+            pages = [t for t in targets if t["type"] == "page"]
+            if pages:
+                break
+            assert time.monotonic() < deadline, targets
+            time.sleep(0.1)
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=2**26, open_timeout=30) as socket_:
+            calls = iter(range(1, 10_000))
+
+            def evaluate(text: str):
+                call = next(calls)
+                socket_.send(json.dumps({"id": call, "method": "Runtime.evaluate",
+                                         "params": {"expression": text, "awaitPromise": True, "returnByValue": True}}))
+                while True:
+                    message = json.loads(socket_.recv(timeout=60))
+                    if message.get("id") == call:
+                        return message["result"]["result"].get("value")
+
+            while evaluate("document.location.protocol + document.readyState") != "file:complete":
+                assert time.monotonic() < deadline, "the page did not load"
+                time.sleep(0.1)
+            return json.loads(evaluate(expression))
+    finally:
+        browser.terminate()
+        browser.wait(30)
+
+
+def _as_html_reads(text: str) -> str:
+    """`text` as a browser's textContent gives it back: HTML parsing turns CR and CRLF into LF, NUL into U+FFFD."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "\ufffd")
+
+
+def _input_images(run: Run) -> dict[str, Image.Image]:
+    """Each good record's input image (bytes, or the allowed local file it names), by id, as the model sees
+    it (oriented by EXIF, transparency on white, 16-bit scaled: pipeline.images.prepare_image), at 32 px."""
+    from pipeline.config import ImageSection
+    from pipeline.images import ImageTarget, prepare_image
+
+    images = {}
+    for row in pads.dataset(run.input_dir, format="parquet").to_table().to_pylist():
+        if row["id"] and row["id"].startswith("good-"):
+            data = row["image"] if row["image"] is not None else Path(row["image_uri"]).read_bytes()
+            images[row["id"]] = prepare_image(data, ImageSection(), ImageTarget()).resize((32, 32))
+    return images
+
+
+def test_thumbnails_only_for_rows_whose_image_decoded(run):
+    """Every answered row (all in the sample: 24 <= 4 x report.gallery_size) has a 128 px JPEG of its own
+    image; no refused row has any, hostile ones included."""
+    inputs = _input_images(run)
+    for row in run.rows:
+        if row["error"] is not None:
+            assert row["error_stage"] in ("validate", "fetch", "image") and row["thumbnail"] is None, row["id"]
+            continue
+        thumb = Image.open(io.BytesIO(row["thumbnail"]))
+        assert thumb.format == "JPEG" and thumb.size == (128, 128) and len(row["thumbnail"]) < 12_000
+        small = np.asarray(thumb.convert("RGB").resize((32, 32)), dtype=float)
+        distance = {i: np.abs(small - np.asarray(image, dtype=float)).mean() for i, image in inputs.items()}
+        assert distance[row["id"]] == min(distance.values()) and distance[row["id"]] < 12, (row["id"], distance)
+
+
+def test_report_gallery_decodes_in_headless_chromium_and_matches_its_rows(run, tmp_path):
+    html_path = run.output / "_report" / "report.html"
+    assert html_path.stat().st_size < 1_000_000, html_path.stat().st_size
+    cards = _chromium_evaluate(html_path, tmp_path / "profile", GALLERY_JS)
+    rows = {r["id"]: r for r in run.rows if r["id"] and r["error"] is None}
+    answered = [c for c in cards if c["kind"] is None]
+    assert sorted(c["id"] for c in answered) == sorted(rows) and len(answered) == GOOD == 24
+    for card in answered:
+        row = rows[card["id"]]
+        image = card["image"]
+        assert image is not None, card["id"]
+        assert (image["width"], image["height"], image["shown"]) == (128, 128, [128, 128])
+        # The browser decoded the row's own thumbnail: the bytes are the row's, the pixels agree with Pillow's.
+        assert base64.b64decode(image["src"].split(",", 1)[1]) == row["thumbnail"]
+        mean = np.asarray(Image.open(io.BytesIO(row["thumbnail"])).convert("RGB"), dtype=float).mean(axis=(0, 1))
+        assert np.abs(mean - np.asarray(image["mean"])).max() < 2.0, (card["id"], mean, image["mean"])
+        assert card["text"] == _as_html_reads(row["text"]) and card["finish"] == row["finish_reason"]
+    # Errors: a few rows of each kind, none with an image (all were refused before decoding), the message shown.
+    errors = [c for c in cards if c["kind"] is not None]
+    by_kind = Counter(c["kind"] for c in errors)
+    assert by_kind == {k: min(n, 3) for k, n in run.manifest["counts"]["errors_by_kind"].items()}
+    errors_by_id = {r["id"]: r["error"] for r in run.rows if r["error"] is not None}
+    for card in errors:
+        assert card["image"] is None and card["text"] is None, card
+        if card["id"]:
+            assert card["error"] == errors_by_id[card["id"]], "the row's message, and nothing more of the record"
+
+
+def test_show_output_writes_a_gallery_of_chosen_rows(run, tmp_path):
+    from jobs import show_output
+
+    chosen = tmp_path / "chosen.html"
+    assert show_output.main([str(run.output), "--html", str(chosen), "--ids", "good-03", "hostile-passwd",
+                             "bad-not-image-1"]) == 0
+    cards = {c["id"]: c for c in _chromium_evaluate(chosen, tmp_path / "profile", GALLERY_JS)}
+    rows = {r["id"]: r for r in run.rows if r["id"]}
+    assert set(cards) == {"good-03", "hostile-passwd", "bad-not-image-1"}
+    assert base64.b64decode(cards["good-03"]["image"]["src"].split(",", 1)[1]) == rows["good-03"]["thumbnail"]
+    assert cards["hostile-passwd"]["image"] is None and cards["bad-not-image-1"]["image"] is None
+    text = chosen.read_text()
+    assert "not_found: /etc/passwd" in text and "root:" not in text
+    sample = tmp_path / "sample.html"
+    assert show_output.main([str(run.output), "--html", str(sample), "--sample", str(GOOD + BAD)]) == 0
+    assert sample.stat().st_size < 1_000_000
+    assert len(re.findall(r'<figure class="sample"', sample.read_text())) == GOOD + BAD

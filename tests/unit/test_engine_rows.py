@@ -22,12 +22,13 @@ def test_request_carries_the_image_prompt_and_sampling():
     assert text == {"type": "text", "text": "Caption it."}
     assert request["sampling_params"]["max_tokens"] == 4 and request[R.PIXELS] is None
     # pass-through values travel under one key Ray's stages never write; the prompt is the effective one
-    assert request[PASSTHROUGH] == {"prompt": "Caption it.", "label": 5}
+    assert request[PASSTHROUGH] == {"prompt": "Caption it.", "label": 5, R.THUMBNAIL: None}
 
 
 def test_failed_records_are_marked_for_ray_to_pass_through():
     request = RequestBuilder(CONFIG, 8, SCHEMA)({"id": "a", R.ROW_ERROR: "not_found: gone", "label": 2})
-    assert request == {INFERENCE_ERROR: "not_found: gone", PASSTHROUGH: {"prompt": "Caption it.", "label": 2}}
+    assert request == {INFERENCE_ERROR: "not_found: gone", PASSTHROUGH: {"prompt": "Caption it.", "label": 2,
+                                                                           R.THUMBNAIL: None}}
 
 
 def test_outputs_for_success_prepare_error_and_engine_error():
@@ -85,7 +86,7 @@ def test_request_carries_the_records_tools():
     tools = json.loads(request[R.TOOL_REQUEST])
     assert [t["function"]["name"] for t in tools["tools"]] == ["calculate", "get_weather"]
     assert tools["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    assert request[PASSTHROUGH] == {"tools": WEATHER, "tool_choice": "get_weather"}
+    assert request[PASSTHROUGH] == {"tools": WEATHER, "tool_choice": "get_weather", R.THUMBNAIL: None}
     bad = build({"id": "b", R.PIXELS: pixels, "tools": "[{", "tool_choice": None})
     assert bad[INFERENCE_ERROR].startswith("invalid_tools: 'tools' is not valid JSON")
     assert (bad[R.ROW_ERROR_KIND], bad[R.ROW_ERROR_STAGE], bad[R.PIXELS]) == ("invalid_tools", "validate", None)
