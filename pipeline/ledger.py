@@ -117,9 +117,7 @@ class LocalLedgerStore:
 
     def create(self, name: str, data: bytes) -> bool:
         target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-        temporary.write_bytes(data)
+        temporary = self._temporary_beside(target, data)
         try:
             os.link(temporary, target)
             return True
@@ -130,10 +128,24 @@ class LocalLedgerStore:
 
     def put(self, name: str, data: bytes) -> None:
         target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        os.replace(self._temporary_beside(target, data), target)
+
+    @staticmethod
+    def _temporary_beside(target: Path, data: bytes, attempts: int = 5) -> Path:
+        """`data` in a temporary file in `target`'s folder, made if missing. Another writer may remove that
+        folder once it is empty (the output lease tidies its folders), between our mkdir and our write,
+        or while mkdir checks it: retried. Once the temporary file is in it, the folder is not empty and
+        stays."""
+        for attempt in range(attempts):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+                temporary.write_bytes(data)
+                return temporary
+            except (FileNotFoundError, FileExistsError):
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def get(self, name: str) -> Optional[bytes]:
         try:
@@ -142,11 +154,11 @@ class LocalLedgerStore:
             return None
 
     def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix
-        if not base.is_dir():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+        # os.walk, not Path.rglob: a folder another writer removes meanwhile is skipped, not an error.
+        names = []
+        for folder, _, files in os.walk(self.root / prefix):
+            names += [(Path(folder) / f).relative_to(self.root).as_posix() for f in files if not f.startswith(".")]
+        return sorted(names)
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
