@@ -8,6 +8,7 @@ temp dir instead of /home/ray/.ray/auth_token, and no --autoscaling-config (the 
 that `ray up` writes on the head; there is no cloud here). One head start, stopped by PID.
 """
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -31,8 +32,22 @@ def cluster_head():
     assert "RAY_AUTH_TOKEN_PATH" in start.env, "cluster.yaml gives the nodes a token file"
     head.env["RAY_AUTH_TOKEN_PATH"] = str(head.token_path)  # the node's path, here in the head's temp dir
     head.start()
-    yield head
-    head.stop()
+    try:
+        # The dashboard answers before the head is healthy (503); a loaded machine takes a while.
+        deadline = time.monotonic() + 120
+        while not healthy(head.dashboard_url):
+            assert time.monotonic() < deadline, "the head never became healthy"
+            time.sleep(1)
+        yield head
+    finally:
+        head.stop()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return http("GET", f"{url}/api/gcs_healthz")[0] == 200
+    except urllib.error.URLError:  # not listening yet
+        return False
 
 
 def http(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, str]:
