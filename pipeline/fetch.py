@@ -145,30 +145,25 @@ class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
     pass
 
 
-class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+class _WatchedPool:
+    """Mixin for a urllib3 connection pool: every connection it opens reports to the fetch's watchdog."""
+
+    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchdog = watchdog
+
+    def _new_conn(self):
+        conn = super()._new_conn()
+        conn.watchdog = self.watchdog
+        return conn
+
+
+class _WatchedHTTPPool(_WatchedPool, urllib3.HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
-    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.watchdog = watchdog
 
-    def _new_conn(self):
-        conn = super()._new_conn()
-        conn.watchdog = self.watchdog
-        return conn
-
-
-class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
-
-    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.watchdog = watchdog
-
-    def _new_conn(self):
-        conn = super()._new_conn()
-        conn.watchdog = self.watchdog
-        return conn
 
 
 class Fetcher:

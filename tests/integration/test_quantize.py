@@ -46,22 +46,22 @@ def text_linear_names(source_tensors):
                   and any(f".{linear}." in name + "." for linear in TEXT_LINEARS))
 
 
-@pytest.fixture(scope="module")
-def fp8_model(tmp_path_factory, tiny_model, quantize_python):
-    output = tmp_path_factory.mktemp("quantized") / "tiny-gemma3-fp8"
-    result = run_job("jobs.quantize", "--model", str(tiny_model), "--output", str(output),
+def quantized(source, output, quantize_python):
+    result = run_job("jobs.quantize", "--model", str(source), "--output", str(output),
                      python=quantize_python, timeout_s=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return output
+
+
+@pytest.fixture(scope="module")
+def fp8_model(tmp_path_factory, tiny_model, quantize_python):
+    return quantized(tiny_model, tmp_path_factory.mktemp("quantized") / "tiny-gemma3-fp8", quantize_python)
 
 
 @pytest.fixture(scope="module")
 def fp8_transformers_layout_model(tmp_path_factory, tiny_model_transformers_layout, quantize_python):
-    output = tmp_path_factory.mktemp("quantized") / "alt-fp8"
-    result = run_job("jobs.quantize", "--model", str(tiny_model_transformers_layout), "--output", str(output),
-                     python=quantize_python, timeout_s=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return output
+    return quantized(tiny_model_transformers_layout, tmp_path_factory.mktemp("quantized") / "alt-fp8",
+                     quantize_python)
 
 
 def test_transformers_layout_comes_out_in_googles(tiny_model_transformers_layout, fp8_transformers_layout_model):
