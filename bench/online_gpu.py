@@ -52,7 +52,10 @@ def target_command(target: str, checkpoint: str, port: int, key: str, config: st
     """The server's argv and the environment additions it needs."""
     if target == "ours":
         sets = ["serve.host=127.0.0.1", f"serve.port={port}", "serve.min_replicas=1", "serve.max_replicas=1",
-                "model.quantization=any", "runtime.local_num_cpus=16", "engine.enforce_eager=false", *overrides]
+                "model.quantization=any", "runtime.local_num_cpus=16", "engine.enforce_eager=false",
+                # The benchmark is one client at full load: the per-key limits would measure themselves.
+                "serve.rate_limit={requests_per_minute: 1000000000, tokens_per_minute: 1000000000000}",
+                *overrides]
         command = [sys.executable, "-m", "jobs.serve", "--config", config, "--model", checkpoint]
         return command + [a for s in sets for a in ("--set", s)], {"GEMMA_API_KEYS": key}
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, *CARD_FLAGS,
