@@ -136,9 +136,13 @@ class EngineSection(_Section):
 class SamplingSection(_Section):
     max_tokens: int = Field(default=256, ge=1, description="Generated tokens per request, at most.")
     temperature: float = Field(default=0.0, ge=0, description="0 is greedy decoding: reproducible captions.")
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_p: float = Field(default=1.0, gt=0, le=1,
+                         description="Nucleus sampling: the smallest set of tokens holding this much probability; "
+                         "1 keeps them all.")
     top_k: int = Field(default=0, ge=0, description="0 disables top-k.")
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.0, gt=0,
+                                      description="Above 1 discourages tokens already in the prompt or output "
+                                      "(long captions that loop); 1 is off.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     ignore_eos: bool = Field(
         default=False,
