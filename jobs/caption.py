@@ -7,7 +7,7 @@ The same command runs locally (embedded Ray) and on a cluster:
     python -m jobs.caption --input-list s3://b/lists/today.txt --output s3://b/out/today   # listed files only
 
 OpenAI Batch files (*.jsonl, *.jsonl.gz, or prefixes of them; --input may repeat) give OpenAI Batch output
-and error files (see README "OpenAI Batch files"):
+and error files (see docs/openai-batch.md):
 
     python -m jobs.caption --input s3://b/batch/requests.jsonl --output s3://b/batch/out \
         --set openai_batch.accepted_model_names=[gpt-4o-mini]

@@ -1,7 +1,7 @@
 """Quantize a bf16 Gemma 3 checkpoint (or a fine-tune of it) to FP8-dynamic, verify it, and write a report.
 
-Runs in the quantize environment (`make quantize-env`, or the `quantize` extra in a runtime_env: see the
-README), locally or under `ray job submit`:
+Runs in the quantize environment (`make quantize-env`, or the `quantize` extra in a runtime_env: see
+docs/quantize.md), locally or under `ray job submit`:
 
     .venv-quantize/bin/python -m jobs.quantize --model google/gemma-3-12b-it --output out/gemma-3-12b-it-fp8
     python -m jobs.quantize --model s3://models/my-finetune --output s3://models/my-finetune-fp8

@@ -141,7 +141,7 @@ def _check_environment() -> None:
     if importlib.util.find_spec("llmcompressor") is None:
         raise QuantizeError("llm-compressor is not installed in this environment; run jobs.quantize with the "
                             "quantize environment (`make quantize-env`, then .venv-quantize/bin/python) or "
-                            "a runtime_env with the `quantize` extra (README, Quantize)")
+                            "a runtime_env with the `quantize` extra (docs/quantize.md)")
 
 
 def _check_source(source: str, storage: StorageSection) -> None:
