@@ -1,6 +1,7 @@
 """Shared pieces of the GPU benchmark: the workloads, a GPU utilisation sampler, result lines."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -55,6 +56,45 @@ def w1_image_bytes(index: int, side: int = 896) -> bytes:
         fill = tuple(int(v) for v in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + w, y0 + h), fill=fill)
     image = image.filter(ImageFilter.GaussianBlur(1.2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# Workload W2: camera-sized photos, 4032 x 3024 JPEGs at quality 90 (~1.5-2 MB), the size a phone writes.
+CAMERA_SIZE = (4032, 3024)
+
+
+@functools.lru_cache(maxsize=2)
+def _camera_base(seed: int) -> np.ndarray:
+    """A smooth photo-like 12 MP frame with fine grain (a few seconds to make; shared by its variants)."""
+    width, height = CAMERA_SIZE
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    x /= width
+    y /= height
+    colours = rng.random((3, 3)).astype(np.float32)
+    base = np.stack([colours[c, 0] * x + colours[c, 1] * y + colours[c, 2] * x * y for c in range(3)], axis=-1)
+    grain = rng.normal(0, 0.025, (height // 2, width // 2, 3)).astype(np.float32).repeat(2, 0).repeat(2, 1)
+    return (np.clip(base + grain, 0, 1) * 255).astype(np.uint8)
+
+
+def camera_image_bytes(index: int) -> bytes:
+    """A distinct camera-sized JPEG: one of a few 12 MP base frames with shapes of its own drawn on it.
+
+    Distinct pixels matter: vLLM caches processed images by a hash of their pixels, so a repeated image
+    would skip the resize this workload is about."""
+    from PIL import Image, ImageDraw
+
+    width, height = CAMERA_SIZE
+    image = Image.fromarray(_camera_base(index // 128))
+    draw = ImageDraw.Draw(image)
+    rng = np.random.default_rng(10_000_000 + index)
+    for _ in range(int(rng.integers(4, 10))):
+        x0, y0 = int(rng.integers(0, width - 256)), int(rng.integers(0, height - 256))
+        w, h = (int(v) for v in rng.integers(128, width // 3, 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x0 + w, y0 + h), fill=fill)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()

@@ -14,7 +14,8 @@ For each: start-up time to ready; the first request after ready and then three m
 (a distinct 896 px image + a short prompt -> 128 tokens, streamed); tool calls through the `openai`
 client with tool_choice auto, required and named (arguments parsed as JSON and checked against the
 tool's schema); then, after an untimed warm-up at the highest concurrency, every level for a fixed time
-(`bench.online_latency.load`: TTFT and latency p50/p99, requests/s, errors by kind). Each target's
+(`bench.online_latency.load`: TTFT and latency p50/p99, requests/s, errors by kind), and one level with
+camera-sized photos (W2: distinct 4032x3024 JPEGs, ~2 MB, that each server must decode and resize). Each target's
 record is appended to the results file as soon as it exists, so a lease that ends early keeps what ran.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED_TOKENS, W1_PROMPT, w1_image_bytes
+from bench.common import GENERATED_TOKENS, W1_PROMPT, camera_image_bytes, w1_image_bytes
 from bench.online_latency import SERVED, load, stream_one
 
 # The model card's flags, verbatim, besides the model path and where it listens.
@@ -223,7 +224,7 @@ def versions() -> dict:
     return found
 
 
-def run_target(target: str, args, images: list[str], key: str, port: int) -> dict:
+def run_target(target: str, args, images: list[str], camera: list[str], key: str, port: int) -> dict:
     command, env_add = target_command(target, args.checkpoint, port, key, args.config, args.overrides)
     shown = [("K" if a == key else a) for a in command]
     record = {"target": target, "command": " ".join(shown), "card": card_name(), "versions": versions(),
@@ -250,9 +251,15 @@ def run_target(target: str, args, images: list[str], key: str, port: int) -> dic
             result = asyncio.run(load([f"{base}/v1"], images[:-260], streams, args.duration_s,
                                       GENERATED_TOKENS, api_key=key))
             record["levels"].append(result)
-            print(f"[{target}] {streams:>3} streams: {result['requests_per_s']} req/s, latency p50 "
-                  f"{result['latency_p50_s']} p99 {result['latency_p99_s']}, ttft p50 {result['ttft_p50_s']} "
-                  f"p99 {result['ttft_p99_s']}, ok {result['ok']}, errors {result['errors']}", flush=True)
+            report_level(target, "W1", result)
+        if camera:
+            # W2: the same request with a camera-sized photo; every request a distinct image (see
+            # camera_image_bytes), so neither server's processed-image cache answers for the resize.
+            result = asyncio.run(load([f"{base}/v1"], camera, args.camera_streams, args.duration_s,
+                                      GENERATED_TOKENS, api_key=key))
+            result["distinct_images"] = len(camera)
+            record["camera"] = result
+            report_level(target, "W2", result)
     except Exception as exc:  # noqa: BLE001 - recorded with the server log's tail; the next target still runs
         record["failed"] = f"{type(exc).__name__}: {exc}"
         print(f"[{target}] FAILED {record['failed']}", flush=True)
@@ -261,6 +268,12 @@ def run_target(target: str, args, images: list[str], key: str, port: int) -> dic
         tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
         record["server_log_tail"] = tail.replace(key, "K")  # vLLM prints its non-default args, the key too
     return record
+
+
+def report_level(target: str, workload: str, result: dict) -> None:
+    print(f"[{target}] {workload} {result['streams']:>3} streams: {result['requests_per_s']} req/s, latency p50 "
+          f"{result['latency_p50_s']} p99 {result['latency_p99_s']}, ttft p50 {result['ttft_p50_s']} "
+          f"p99 {result['ttft_p99_s']}, ok {result['ok']}, errors {result['errors']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--duration-s", type=float, default=15)
     parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--camera-streams", type=int, default=64,
+                        help="streams of the camera-sized photo level (W2, 4032x3024 JPEG); 0 leaves it out")
+    parser.add_argument("--camera-images", type=int, default=640, help="distinct camera photos for that level")
     parser.add_argument("--port", type=int, default=18300)
     parser.add_argument("--workdir", default="/tmp/online")
     parser.add_argument("--ready-timeout-s", type=float, default=600)
@@ -289,13 +305,17 @@ def main(argv: list[str] | None = None) -> None:
 
     with ProcessPoolExecutor(8) as pool:
         blobs = list(pool.map(w1_image_bytes, range(300_000, 300_000 + args.images), chunksize=16))
+        camera_blobs = (list(pool.map(camera_image_bytes, range(args.camera_images), chunksize=32))
+                        if args.camera_streams else [])
     images = ["data:image/jpeg;base64," + base64.b64encode(b).decode() for b in blobs]
+    camera = ["data:image/jpeg;base64," + base64.b64encode(b).decode() for b in camera_blobs]
+    del blobs, camera_blobs
     key = "bench-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
     results_path = Path(args.results)
     state = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     state["prompt"] = W1_PROMPT
     for index, target in enumerate(targets):
-        state["runs"].append(run_target(target, args, images, key, args.port + index))
+        state["runs"].append(run_target(target, args, images, camera, key, args.port + index))
         results_path.write_text(json.dumps(state, indent=1))
     print("done", flush=True)
 

@@ -4,6 +4,8 @@
 #   .gpu/kit/root/         bench/ and configs/ of the same commit (bench/ is not part of the wheel)
 #   .gpu/parts/part-NN     the vLLM 0.26 + Ray 2.60 wheel parts, one per call (the 64 MiB limit)
 #
+#   bench/online_gpu_session.sh kit             (here, before the lease) build .gpu/kit from the committed HEAD
+#                                               (wheel) and this checkout's bench/ and configs/
 #   bench/online_gpu_session.sh stage           (first call, carry .gpu/kit and .gpu/parts/part-01) copy the kit and
 #                                               the part to /tmp, build the 12B-shaped checkpoints detached
 #   bench/online_gpu_session.sh part            (carry .gpu/parts/part-NN) copy that part to /tmp/gpu-parts
@@ -43,6 +45,15 @@ print('fp8', convert('$W/gemma3-12b-bf16', '$W/gemma3-12b-fp8', device='cuda'), 
 import shutil; shutil.rmtree('$W/gemma3-12b-bf16'); print('CHECKPOINT READY', flush=True)
 " $KIT/root/tiny_gemma3.py > $W/checkpoint.log 2>&1 < /dev/null &
     sleep 5; cat $W/checkpoint.log ;;
+  kit)
+    # The wheel from HEAD, not the working tree: what runs on the card is a commit.
+    rm -rf "$ROOT/.gpu/kit" /tmp/kit-src && mkdir -p "$ROOT/.gpu/kit/wheel" "$ROOT/.gpu/kit/root" /tmp/kit-src
+    git -C "$ROOT" archive HEAD | tar -x -C /tmp/kit-src
+    "${PYTHON:-$ROOT/.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation -w "$ROOT/.gpu/kit/wheel" /tmp/kit-src || exit 1
+    cp -r "$ROOT/bench" "$ROOT/configs" "$ROOT/.gpu/kit/root/"
+    cp "$ROOT/pipeline/testing/tiny_gemma3.py" "$ROOT/.gpu/kit/root/"
+    find "$ROOT/.gpu/kit" -name __pycache__ -prune -exec rm -rf {} +
+    git -C "$ROOT" rev-parse HEAD > "$ROOT/.gpu/kit/COMMIT"; du -sh "$ROOT/.gpu/kit"; ls "$ROOT/.gpu/kit/wheel" ;;
   part)
     cp -u "$ROOT"/.gpu/parts/* /tmp/gpu-parts/ && ls /tmp/gpu-parts | tr '\n' ' '; echo
     tail -3 $W/checkpoint.log ;;
@@ -86,5 +97,5 @@ EOF
     (cd $W && tar czf "${OUT:-/tmp}/server-logs.tar.gz" server-*.log unpack.log checkpoint.log 2>/dev/null)
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
     cat $W/runner.log | grep -v "^\s*$" | tail -40 ;;
-  *) echo "usage: $0 stage | part | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 kit | stage | part | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
 esac
