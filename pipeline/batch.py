@@ -5,7 +5,7 @@
                  -> FinalizeRows (one explicit schema) -> sharded parquet + manifest
 
 With tools (config tools.builtins, or an input `tools` column) the processor's chat-template and engine
-stages get the tool UDFs of pipeline.tools.ray_stages: tools rendered per record, calls read and checked,
+stages get the tool UDFs of pipeline.tool_stages: tools rendered per record, calls read and checked,
 built-in tools run between rounds, all in the same engine replicas.
 
 `build_caption_dataset` returns the lazy dataset; `run_caption` executes it, writes the output and the
@@ -240,12 +240,12 @@ def check_tools(config: PipelineConfig) -> None:
 
 def _stage_overrides(config: PipelineConfig, with_tools: bool, guard: Optional[EngineGuardSettings]):
     """The processor's `override_stage_config_fn`: prompts tokenized once (pipeline.rendered_prompts), tool
-    UDFs (pipeline.tools.ray_stages) and the engine's crash isolation (pipeline.faults)."""
+    UDFs (pipeline.tool_stages) and the engine's crash isolation (pipeline.faults)."""
     from .rendered_prompts import install
 
     override = None
     if with_tools:
-        from .tools.ray_stages import ToolChainSettings, stage_overrides
+        from .tool_stages import ToolChainSettings, stage_overrides
         from .tools.template import load_tool_template
 
         override = stage_overrides(ToolChainSettings(config=config, template=load_tool_template(config.tools)))

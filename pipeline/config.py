@@ -595,7 +595,7 @@ class ToolsSection(_Section):
     parser: str = Field(
         default="gemma3",
         description="vLLM tool parser name for the endpoint. 'gemma3' is this package's plugin "
-        "(pipeline.tools.vllm_plugin), which reads the same calls as the batch job does.",
+        "(pipeline.vllm_tool_parser), which reads the same calls as the batch job does.",
     )
 
     @model_validator(mode="after")

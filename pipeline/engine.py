@@ -53,7 +53,7 @@ def tool_serving_kwargs(config: PipelineConfig) -> dict[str, Any]:
     """
     from .tools.template import tool_template_path
 
-    plugin = Path(__file__).resolve().parent / "tools" / "vllm_plugin.py"
+    plugin = Path(__file__).resolve().parent / "vllm_tool_parser.py"
     return {
         "enable_auto_tool_choice": True,
         "tool_call_parser": config.tools.parser,

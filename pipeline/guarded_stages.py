@@ -11,7 +11,8 @@ from ray.llm._internal.batch.stages.base import StatefulStage
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage, vLLMEngineStageUDF
 
 from .faults import CrashIsolatingEngine, EngineGuardSettings
-from .tools.ray_stages import ToolChainEngineUDF, replace_stage_udf
+from .stage_patch import replace_stage_udf
+from .tool_stages import ToolChainEngineUDF
 
 
 class CrashIsolatingEngineUDF(CrashIsolatingEngine, vLLMEngineStageUDF):

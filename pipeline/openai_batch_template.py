@@ -23,8 +23,9 @@ from .engine_rows import INFERENCE_ERROR
 from .openai_batch import LineError
 from .openai_batch_stages import CONVERSATION, LINE_ERROR, NO_ERROR, TOOL_TEMPLATE
 from .rendered_prompts import install as install_rendered_prompts
-from .tools.ray_stages import ToolChainSettings, replace_stage_udf
-from .tools.ray_stages import stage_overrides as tool_stage_overrides
+from .stage_patch import replace_stage_udf
+from .tool_stages import ToolChainSettings
+from .tool_stages import stage_overrides as tool_stage_overrides
 from .tools.request import ToolRequest
 from .tools.template import load_tool_template, render_prompt
 

@@ -20,6 +20,8 @@ from typing import Any, AsyncIterator
 from ray.llm._internal.batch.stages.base import StatefulStage
 from ray.llm._internal.batch.stages.tokenize_stage import TokenizeStage, TokenizeUDF
 
+from .stage_patch import replace_stage_udf
+
 
 def encode_rendered(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     """Token ids of prompts a chat template rendered: its special tokens are already in the text."""
@@ -36,7 +38,5 @@ class RenderedPromptTokenizeUDF(TokenizeUDF):
 
 def install(stage: StatefulStage) -> None:
     """For an `override_stage_config_fn`: swap the tokenize stage's UDF (other stages are left alone)."""
-    from .tools.ray_stages import replace_stage_udf  # here: that module imports encode_rendered from this one
-
     if isinstance(stage, TokenizeStage):
         replace_stage_udf(stage, RenderedPromptTokenizeUDF)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Optional
 
@@ -32,6 +31,7 @@ import pyarrow.dataset as pads
 from . import records as R
 from .config import PipelineConfig
 from .engine import fixed_or_range, gpus_per_replica, workers_per_replica
+from .report_model import RunReport
 from .storage import join, make_filesystem, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -49,20 +49,6 @@ GALLERY_COLUMNS = (R.ID, R.SOURCE, R.ROW_HASH, R.PROMPT, R.TEXT, R.FINISH_REASON
 # fetch, image) never do: the report shows their error message and nothing else of the record.
 DECODED_STAGES = frozenset({R.Stage.ENGINE.value, R.Stage.TOOLS.value})
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-@dataclass
-class RunReport:
-    """Everything the HTML shows: figures (name -> value), error examples, charts (name -> PNG)."""
-
-    manifest: dict[str, Any]
-    figures: dict[str, Any]
-    cost: dict[str, Any]
-    errors: list[dict[str, Any]]
-    charts: dict[str, bytes] = field(default_factory=dict)
-    # The gallery: sampled answered rows, and per error kind a few error rows (`gallery_entry` dicts).
-    gallery: list[dict[str, Any]] = field(default_factory=list)
-    gallery_errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def report_uri(output_uri: str) -> str:

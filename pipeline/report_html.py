@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .report import RunReport
+from .report_model import RunReport
 
 CSS = """
 body { font: 14px/1.45 -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 0;

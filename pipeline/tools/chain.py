@@ -1,10 +1,11 @@
 """The tool chain of one record: generate, read the calls, run the pipeline's tools, generate again.
 
-Engine-agnostic: the caller passes `generate(round, messages, structured_outputs)`, so the same loop
-runs inside a Ray engine replica (pipeline.tools.ray_stages) and in unit tests. A round ends the chain
-when the model answers without calls, when a call is invalid (the record becomes an `invalid_tool_call`
-error, transcript kept), when a call names a tool the pipeline cannot run (the record's own tools: the
-calls are returned for the user to run), or after `max_rounds` turns.
+Engine-agnostic: the caller passes `generate(round, messages, request)`, `request` being the round's tool
+request (a forced choice holds for the first round only), which the engine turns into its own constraint;
+so the same loop runs inside a Ray engine replica (pipeline.tool_stages) and in unit tests. A round ends
+the chain when the model answers without calls, when a call is invalid (the record becomes an
+`invalid_tool_call` error, transcript kept), when a call names a tool the pipeline cannot run (the
+record's own tools: the calls are returned for the user to run), or after `max_rounds` turns.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from .parser import ParsedOutput, ToolCall
 from .registry import ToolContext, ToolRegistry
-from .request import ToolRequest, interpret_turn, structured_outputs
+from .request import ToolRequest, interpret_turn
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Generation:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-Generate = Callable[[int, list[dict[str, Any]], Optional[dict[str, Any]]], Awaitable[Generation]]
+Generate = Callable[[int, list[dict[str, Any]], ToolRequest], Awaitable[Generation]]
 
 
 @dataclass
@@ -71,7 +72,7 @@ async def run_tool_chain(conversation: list[dict[str, Any]], request: ToolReques
     outcome: Optional[ChainOutcome] = None
     prompt_tokens = completion_tokens = 0
     for round_index in range(max_rounds):
-        generation = await generate(round_index, messages, structured_outputs(current))
+        generation = await generate(round_index, messages, current)
         prompt_tokens += generation.prompt_tokens
         completion_tokens += generation.completion_tokens
         outcome = ChainOutcome(messages, generation, rounds=round_index + 1, prompt_tokens=prompt_tokens,

@@ -5,9 +5,9 @@ list of calls, `[get_weather(city="Paris")]`, and the model writes that list alo
 inside a ```tool_code / ```python fence (Google's own Gemma examples use the fence, with bare calls on
 their own lines); an output may hold several such blocks, each read in order. vLLM's `pythonic` parser
 only accepts output that starts with `[`, so this module first *locates* the call blocks and then reads
-each with vLLM's pythonic machinery (`ast.parse`, never
-`eval`; `get_parameter_value` accepts literals only, including JSON's true/false/null). Every call is
-then checked against its tool's JSON schema with `jsonschema`.
+each by vLLM's pythonic rules (`ast.parse`, never `eval`; arguments are literals only, including JSON's
+true/false/null: pipeline.tools.literals, held to vLLM's own helpers by a test). Every call is then
+checked against its tool's JSON schema with `jsonschema`.
 
 Nothing here raises on bad model output: an unparseable block, an unknown tool or arguments of the
 wrong type come back as `CallError`s, so batch turns them into error rows and the online parser into
@@ -23,6 +23,8 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from .literals import NotALiteral, escape_control_chars_in_strings, literal_value
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +197,9 @@ def locate_block(text: str, *, final: bool, start: int = 0) -> Block | Pending |
 
 
 def read_calls(source: str, *, fenced: bool) -> tuple[list[ToolCall], list[CallError]]:
-    """Read a block's source into calls with vLLM's pythonic machinery; problems become CallErrors."""
-    from vllm.tool_parsers.utils import escape_ctrl_chars_in_strings
-
+    """Read a block's source into calls by vLLM's pythonic rules; problems become CallErrors."""
     try:
-        nodes = _call_nodes(ast.parse(escape_ctrl_chars_in_strings(source.strip())), fenced)
+        nodes = _call_nodes(ast.parse(escape_control_chars_in_strings(source.strip())), fenced)
     except SyntaxError as exc:
         return [], [CallError(CallProblem.MALFORMED,
                               f"cannot read the tool call block {_preview(source)}: {exc.msg}")]
@@ -302,8 +302,6 @@ def _call_nodes(module: ast.Module, fenced: bool) -> list[ast.Call] | CallError:
 
 
 def _read_call(node: ast.Call, index: int) -> ToolCall | CallError:
-    from vllm.tool_parsers.utils import UnexpectedAstError, get_parameter_value
-
     name = _dotted_name(node.func)
     if name is None:
         return CallError(CallProblem.MALFORMED, f"not a tool name: {ast.unparse(node.func)!r}", index)
@@ -316,8 +314,8 @@ def _read_call(node: ast.Call, index: int) -> ToolCall | CallError:
         if keyword.arg is None:
             return CallError(CallProblem.MALFORMED, "**arguments are not allowed", index, name)
         try:
-            arguments[keyword.arg] = get_parameter_value(keyword.value)
-        except UnexpectedAstError:
+            arguments[keyword.arg] = literal_value(keyword.value)
+        except NotALiteral:
             return CallError(CallProblem.MALFORMED,
                              f"argument {keyword.arg!r} must be a literal (string, number, true/false, "
                              f"null, list or dict), got {_preview(ast.unparse(keyword.value))}", index, name)
@@ -344,7 +342,7 @@ def _closing_bracket(text: str, start: int) -> Optional[int]:
     """Offset just past the bracket that closes text[start], skipping string literals; None if open.
 
     A scanner rather than Python's tokenizer: models put raw newlines inside string arguments, which
-    the tokenizer refuses but vLLM's escape_ctrl_chars_in_strings later repairs.
+    the tokenizer refuses but escape_control_chars_in_strings (pipeline.tools.literals) later repairs.
     """
     index, quote = start, None
     pairs = {")": "(", "]": "[", "}": "{"}

@@ -6,7 +6,8 @@ refuses what cannot work (a definition that is not a JSON schema, a name the pyt
 carry, a choice naming no offered tool) with a message naming the problem, before any engine time is
 spent. A forced choice ('required' or a name) is decoded and read exactly as vLLM's OpenAI server does
 it, so batch and online give the same calls: guided JSON (the arguments object, or a list of
-{"name", "parameters"}) rather than the pythonic list.
+{"name", "parameters"}) rather than the pythonic list. The guided-JSON schema itself is vLLM's, derived
+on the engine side (pipeline.tool_stages.structured_outputs): this package imports no vLLM.
 """
 from __future__ import annotations
 
@@ -112,30 +113,6 @@ def parse_tool_choice(choice: str, names: Sequence[str]) -> ToolChoice:
         return {"type": "function", "function": {"name": choice}}
     raise ToolRequestError(f"tool_choice {choice!r} is none of {', '.join(CHOICES)} and names no offered tool "
                            f"(tools: {', '.join(names)})")
-
-
-def structured_outputs(request: ToolRequest) -> Optional[dict[str, Any]]:
-    """vLLM structured_outputs forcing the call, exactly as vLLM's server derives it; None unless forced.
-
-    Uses vLLM's own `get_json_schema_from_tools` (the schema of the forced tool's parameters, or the
-    array of {"name", "parameters"} for 'required'), passed as a JSON string: Ray Data carries strings
-    between stages, while nested schemas of different shapes per row would not fit one Arrow type.
-    """
-    if request.tool_choice in ("auto", "none"):
-        return None
-    from vllm.entrypoints.openai.chat_completion.protocol import (
-        ChatCompletionNamedToolChoiceParam,
-        ChatCompletionToolsParam,
-    )
-    from vllm.tool_parsers.utils import get_json_schema_from_tools
-
-    tools = [ChatCompletionToolsParam.model_validate(t) for t in request.tools]
-    choice = request.tool_choice if isinstance(request.tool_choice, str) else \
-        ChatCompletionNamedToolChoiceParam.model_validate(request.tool_choice)
-    schema = get_json_schema_from_tools(tool_choice=choice, tools=tools)
-    if schema is None:  # a forced tool without parameters: its arguments are an empty object
-        schema = {"type": "object", "properties": {}}
-    return {"json": json.dumps(schema, ensure_ascii=False)}
 
 
 def interpret_turn(text: str, request: ToolRequest) -> ParsedOutput:

@@ -120,7 +120,7 @@ def test_endpoint_tool_arguments_name_the_plugin_and_template():
 
     kwargs = tool_serving_kwargs(PipelineConfig.load(environ={}))
     assert kwargs["enable_auto_tool_choice"] and kwargs["tool_call_parser"] == "gemma3"
-    assert Path(kwargs["tool_parser_plugin"]).name == "vllm_plugin.py" and Path(kwargs["tool_parser_plugin"]).exists()
+    assert Path(kwargs["tool_parser_plugin"]).name == "vllm_tool_parser.py" and Path(kwargs["tool_parser_plugin"]).exists()
     assert Path(kwargs["chat_template"]).name == "gemma3_tools.jinja" and Path(kwargs["chat_template"]).exists()
     assert not set(kwargs) & set(engine_kwargs(PipelineConfig.load(environ={}))), "never batch engine args"
 

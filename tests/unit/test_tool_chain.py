@@ -27,9 +27,9 @@ class FakeEngine:
         self.answers = list(answers)
         self.calls = []
 
-    async def __call__(self, round_index, messages, structured):
+    async def __call__(self, round_index, messages, request):
         self.calls.append({"round": round_index, "messages": json.loads(json.dumps(messages)),
-                           "structured": structured})
+                           "request": request})
         return Generation(text=self.answers[round_index], prompt_tokens=100 + round_index, completion_tokens=5)
 
 
@@ -58,8 +58,8 @@ def test_forced_call_runs_the_tool_and_the_model_answers():
     outcome = _run(_request("image_metadata"), engine)
     assert outcome.error is None and outcome.rounds == 2 and outcome.content == "It is 640 by 480 pixels."
     assert outcome.pending_calls == () and (outcome.prompt_tokens, outcome.completion_tokens) == (201, 10)
-    assert json.loads(engine.calls[0]["structured"]["json"])["properties"] == {}, "round 1 forced by JSON"
-    assert engine.calls[1]["structured"] is None, "later rounds are auto"
+    assert engine.calls[0]["request"].forced_name == "image_metadata", "round 1 forced"
+    assert engine.calls[1]["request"].tool_choice == "auto", "later rounds are auto"
     row = json.loads(outcome.to_json())
     assistant, tool, answer = row["messages"][1:]
     assert assistant["tool_calls"][0]["function"] == {"name": "image_metadata", "arguments": "{}"}
@@ -112,7 +112,7 @@ def test_a_slow_tool_times_out():
 
 def test_an_engine_error_stops_the_chain():
     class FailingEngine(FakeEngine):
-        async def __call__(self, round_index, messages, structured):
+        async def __call__(self, round_index, messages, request):
             return Generation(text="", error="ValueError: prompt too long")
 
     outcome = _run(_request(), FailingEngine())

@@ -140,7 +140,7 @@ def plugin(tiny_model):
     from transformers import AutoTokenizer
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    from pipeline.tools.vllm_plugin import Gemma3ToolParser
+    from pipeline.vllm_tool_parser import Gemma3ToolParser
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
@@ -233,3 +233,46 @@ def test_vllm_finds_the_parser_through_the_plugin_entry_point():
             "print(ToolParserManager.get_tool_parser('gemma3').__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "Gemma3ToolParser", result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the argument rules, against vLLM's own
+LITERAL_SOURCES = [
+    '"Paris"', "'x'", "3", "-2.5", "+4", "1e3", "True", "False", "None", "null", "true", "false",
+    '{"a": [1, 2, {"b": null}], "c": (1, 2)}', "[1, 'two', -3.0]", "(1, 2)", "{'a'}", "f'plain'", "f'{x}'",
+    "-True", "-'x'", "not True", "~1", "x", "a.b", "f(1)", "b'raw'", "...", "1j", "{x: 1}", "[1, y]", "1 + 2",
+]
+ESCAPE_SOURCES = [
+    'f(a="line1\nline2")', "f(a='t\tb\rc\x00d')", 'f(a="q\\"uote\nx", b=\'\n\')', "f(\n a=1)\n",
+    'f(a="ends with backslash\\', "f(a='unterminated\n", 'f(a="x\\\\", b="\ny")',
+]
+
+
+@pytest.mark.parametrize("source", LITERAL_SOURCES)
+def test_argument_literals_follow_vllms_rules(source):
+    """pipeline.tools.literals keeps vLLM out of pipeline.tools; it must accept and refuse exactly what
+    vLLM's get_parameter_value does, with the same values."""
+    import ast
+
+    from vllm.tool_parsers.utils import UnexpectedAstError, get_parameter_value
+
+    from pipeline.tools.literals import NotALiteral, literal_value
+
+    node = ast.parse(source, mode="eval").body
+    try:
+        expected = ("value", get_parameter_value(node))
+    except UnexpectedAstError:
+        expected = ("refused",)
+    try:
+        ours = ("value", literal_value(node))
+    except NotALiteral:
+        ours = ("refused",)
+    assert ours == expected and type(ours[-1]) is type(expected[-1])
+
+
+@pytest.mark.parametrize("source", ESCAPE_SOURCES)
+def test_control_characters_are_escaped_as_vllm_escapes_them(source):
+    from vllm.tool_parsers.utils import escape_ctrl_chars_in_strings
+
+    from pipeline.tools.literals import escape_control_chars_in_strings
+
+    assert escape_control_chars_in_strings(source) == escape_ctrl_chars_in_strings(source)

@@ -4,13 +4,8 @@ import json
 import pytest
 
 from pipeline.tools.parser import CallProblem
-from pipeline.tools.request import (
-    ToolRequest,
-    ToolRequestError,
-    build_tool_request,
-    interpret_turn,
-    structured_outputs,
-)
+from pipeline.tool_stages import structured_outputs
+from pipeline.tools.request import ToolRequest, ToolRequestError, build_tool_request, interpret_turn
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -5,7 +5,7 @@ set of template kwargs for the whole dataset, and its engine stage makes one gen
 extended here, and only here, by subclassing their UDFs; `stage_overrides` installs them through
 `build_processor(..., builder_kwargs={"override_stage_config_fn": ...})`. Rows without tools go through
 the parent classes' code unchanged. Remove when ray.data.llm supports per-row tools and multi-turn
-generation (watch #58091).
+generation (watch #58091). Outside `pipeline.tools` so that package (the tool logic itself) needs no Ray.
 
 Why rounds loop inside the engine stage: a Ray Data pipeline is a DAG, so N rounds as N chained
 processors would mean N engine actor pools, each holding its GPUs (N x TP GPUs for a 12B model) while
@@ -14,30 +14,27 @@ mostly waiting on the others. Looping inside the one engine replica keeps one po
 since the conversation only grows. The cost: a record with tools holds its slot in the replica for all
 its rounds, tools run in the replica's process (in threads, bounded by tools.tool_timeout_s), and
 rendering + tokenizing later rounds happens there too (milliseconds per round).
-
-The vLLMEngineStage validator re-runs on attribute assignment and then asks for a GPU even with our
-CPU placement bundles (assigning `stage.fn` turned `{'num_cpus': 1}` into `{'num_cpus': 1, 'num_gpus':
-1}`), so `replace_stage_udf` sets the class without validation.
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Optional
 
 from ray.llm._internal.batch.stages.base import StatefulStage
 from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateStage, ChatTemplateUDF
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage, vLLMEngineStageUDF
 
-from .. import records as R
-from ..config import PipelineConfig
-from ..rendered_prompts import encode_rendered
-from .builtins import build_registry
-from .chain import Generation, run_tool_chain
-from .registry import ToolContext
-from .request import ToolRequest
-from .template import render_prompt
+from . import records as R
+from .config import PipelineConfig
+from .rendered_prompts import encode_rendered
+from .stage_patch import replace_stage_udf
+from .tools.builtins import build_registry
+from .tools.chain import Generation, run_tool_chain
+from .tools.registry import ToolContext
+from .tools.request import ToolRequest
+from .tools.template import render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +60,28 @@ def stage_overrides(settings: ToolChainSettings) -> Callable[[str, StatefulStage
     return override
 
 
-def replace_stage_udf(stage: StatefulStage, udf: type, **constructor_kwargs: Any) -> None:
-    object.__setattr__(stage, "fn", udf)  # without re-validation, see the module docstring
-    stage.fn_constructor_kwargs.update(constructor_kwargs)
+def structured_outputs(request: ToolRequest) -> Optional[dict[str, Any]]:
+    """vLLM structured_outputs forcing the call, exactly as vLLM's server derives it; None unless forced.
+
+    Uses vLLM's own `get_json_schema_from_tools` (the schema of the forced tool's parameters, or the
+    array of {"name", "parameters"} for 'required'), passed as a JSON string: Ray Data carries strings
+    between stages, while nested schemas of different shapes per row would not fit one Arrow type.
+    """
+    if request.tool_choice in ("auto", "none"):
+        return None
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionNamedToolChoiceParam,
+        ChatCompletionToolsParam,
+    )
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    tools = [ChatCompletionToolsParam.model_validate(t) for t in request.tools]
+    choice = request.tool_choice if isinstance(request.tool_choice, str) else \
+        ChatCompletionNamedToolChoiceParam.model_validate(request.tool_choice)
+    schema = get_json_schema_from_tools(tool_choice=choice, tools=tools)
+    if schema is None:  # a forced tool without parameters: its arguments are an empty object
+        schema = {"type": "object", "properties": {}}
+    return {"json": json.dumps(schema, ensure_ascii=False)}
 
 
 class ToolChatTemplateUDF(ChatTemplateUDF):
@@ -119,7 +135,8 @@ class ToolChainEngineUDF(vLLMEngineStageUDF):
         sampling = dict(row["sampling_params"])
         first_prompt = {key: row[key] for key in ("prompt", "tokenized_prompt") if row.get(key) is not None}
 
-        async def generate(round_index: int, messages: list[dict[str, Any]], structured: Any) -> Generation:
+        async def generate(round_index: int, messages: list[dict[str, Any]], current: ToolRequest) -> Generation:
+            structured = structured_outputs(current)
             if round_index == 0:
                 prompt = first_prompt
             else:

@@ -12,7 +12,7 @@ the batch job mirrors.
 Registration, the two ways vLLM supports:
 - `vllm serve ... --enable-auto-tool-choice --tool-call-parser gemma3 --tool-parser-plugin <this file>`:
   importing this file registers the parser;
-- the `vllm.general_plugins` entry point of this package (`pipeline.tools:register_vllm_tool_parser`),
+- the `vllm.general_plugins` entry point of this package (`pipeline.vllm_plugin:register_tool_parser`),
   which vLLM runs in every process it starts. Ray Serve's LLM replicas need it: they never import a
   `tool_parser_plugin` file (only vLLM's own launcher does).
 """
@@ -39,7 +39,7 @@ from pipeline.tools.parser import locate_blocks, read_blocks, text_outside
 
 logger = logging.getLogger(__name__)
 
-PARSER_NAME = "gemma3"  # = pipeline.tools.VLLM_PARSER_NAME
+PARSER_NAME = "gemma3"  # = pipeline.vllm_plugin.TOOL_PARSER_NAME
 
 
 class Gemma3ToolParser(ToolParser):
