@@ -379,6 +379,12 @@ class ServeSection(_Section):
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
     app_name: str = Field(default="gemma", description="Ray Serve application name (`serve status`).")
+    warmup: bool = Field(
+        default=True,
+        description="Each engine replica runs an image request and (with tools on) a tool call before "
+        "Serve routes traffic to it, so the first users of a new or scaled-out replica do not pay its "
+        "one-time kernel, image-processor and grammar compilation costs. Adds seconds to a replica's start.",
+    )
     min_replicas: int = Field(
         default=1, ge=0,
         description="Engine replicas kept warm. 0 scales to zero when idle, at the price of a cold start "

@@ -4,7 +4,8 @@
     app_builder(args)  -> Application   import path for `serve run` / `serve deploy` config files
     run_serve(config)                   start Serve on the configured Ray and deploy (blocking or not)
 
-Three deployments, two from Ray: the engine (`LLMServer`, one vLLM engine per replica) built by
+Three deployments, two from Ray: the engine (`LLMServer`, one vLLM engine per replica, which warms up
+before it takes traffic: `serve_warmup.WarmLLMServer`) built by
 `LLMConfig` from the same config as batch (`engine.serving_engine_kwargs`, `engine.placement_group`),
 and the HTTP ingress (`serve_ingress.GuardedIngress`, Ray's OpenAI ingress behind our guard); and one
 of ours, the per-key rate limiter (`serve_limits.RateLimiter`, one replica that every ingress replica asks).
@@ -60,6 +61,9 @@ def llm_config_args(config: PipelineConfig) -> dict[str, Any]:
         "placement_group_config": placement_group(config),
         "runtime_env": runtime_env(config),
     }
+    if serve.warmup:
+        # Ray's LLMServer plus warm-up requests at the end of its start (LLMConfig.server_cls).
+        args["server_cls"] = "pipeline.serve_warmup:WarmLLMServer"
     if config.engine.device == "cpu":
         # Without it Ray's LLM server looks for a GPU.
         args["accelerator_config"] = {"kind": "cpu"}

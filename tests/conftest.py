@@ -83,10 +83,16 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+class Endpoint(str):
+    """The base URL of a running endpoint; `log_path` holds what jobs.serve printed (Ray's replica lines too)."""
+
+    log_path: Path
+
+
 @contextlib.contextmanager
 def serve_endpoint(tiny_model: Path, work: Path, api_keys: list[str], *overrides: str, ready_timeout_s: int = 600):
-    """`python -m jobs.serve` in its own process, as a user runs it; yields its base URL and stops it
-    with SIGTERM (asserting a clean exit). Keys go through a file, as a mounted secret would."""
+    """`python -m jobs.serve` in its own process, as a user runs it; yields its base URL (an `Endpoint`)
+    and stops it with SIGTERM (asserting a clean exit). Keys go through a file, as a mounted secret would."""
     import httpx
 
     keys_file = work / "api-keys"
@@ -103,7 +109,8 @@ def serve_endpoint(tiny_model: Path, work: Path, api_keys: list[str], *overrides
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = Endpoint(f"http://127.0.0.1:{port}")
+    base.log_path = log_path
     deadline = time.monotonic() + ready_timeout_s
     try:
         while True:

@@ -11,6 +11,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def client(endpoint):
 def still_answers(client) -> None:
     reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
     assert reply.choices[0].text is not None and reply.usage.completion_tokens >= 1
+
+
+def test_the_engine_replica_warmed_up_before_ready(endpoint):
+    """Both warm-up requests (an image, a required tool call) ran on the real engine and succeeded
+    before /ready said ready (the fixture waited for it)."""
+    log = endpoint.log_path.read_text(errors="replace")
+    assert re.search(r"warm-up image: ok in [0-9.]+s", log), log[-3000:]
+    assert re.search(r"warm-up tool call: ok in [0-9.]+s", log), log[-3000:]
 
 
 def test_models_lists_the_served_name(client):

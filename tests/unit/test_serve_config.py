@@ -102,6 +102,22 @@ def test_llm_config_args_autoscale_and_bound_the_queue():
         "ray_actor_options": {"num_cpus": 1.0}}
 
 
+def test_engine_replicas_warm_up_unless_turned_off():
+    from ray.serve.llm import LLMConfig
+
+    from pipeline.serve_warmup import WarmLLMServer, warmup_requests
+
+    args = llm_config_args(PipelineConfig.load(environ={}))
+    assert args["server_cls"] == "pipeline.serve_warmup:WarmLLMServer"
+    assert LLMConfig(**args).server_cls is WarmLLMServer  # Ray resolves the path itself
+    assert "server_cls" not in llm_config_args(PipelineConfig.load(overrides=["serve.warmup=false"], environ={}))
+    image, tool = warmup_requests("gemma-3-12b-it", with_tools=True)
+    content = image[1]["messages"][0]["content"]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert tool[1]["tool_choice"] == "required" and tool[1]["tools"][0]["function"]["name"] == "get_weather"
+    assert [name for name, _ in warmup_requests("m", with_tools=False)] == ["image"]
+
+
 def test_llm_config_args_cpu_and_s3():
     config = PipelineConfig.load(TINY_CPU_CONFIG, ["model.source=s3://models/gemma-3-12b-it-fp8",
                                                    "serve.min_replicas=0"], environ={})
