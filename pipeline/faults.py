@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator
 
 from . import records as R
 from .engine_start import explain_start_failure
+from .shm_tracker import start_detached_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,9 @@ class CrashIsolatingEngine:
 
     def __init__(self, *args: Any, ledger_name: str, max_engine_attempts: int, **kwargs: Any):
         quiet_engine_shutdown()
+        # Before vLLM spawns its processes: their shared memory is tracked where Ray's exit does not
+        # kill the tracker (pipeline.shm_tracker).
+        start_detached_tracker()
         with explain_start_failure():  # a failed start says why in one line (pipeline.engine_start)
             super().__init__(*args, **kwargs)
         self.ledger = self.connect_ledger(ledger_name)

@@ -7,7 +7,12 @@ bucket the credentials can read is refused.
 """
 import io
 import json
+import os
+import shutil
+import tempfile
+import time
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -76,7 +81,42 @@ def build_records(tmp_path, s3_client):
     return records, good, expected_errors
 
 
-def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_env):
+@pytest.fixture
+def ray_tmp():
+    """Ray's files for this job's embedded cluster (RAY_TMPDIR), so its actors' logs can be read; short,
+    as Ray's socket paths live under it."""
+    path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def finished_worker_logs(ray_tmp: Path, timeout_s: float = 180) -> str:
+    """The stderr of the job's Ray workers, read once no process has them open: vLLM's engine core, its
+    Worker and their resource tracker write to their engine actor's stderr and may outlive the job."""
+    logs = {str(path) for path in ray_tmp.glob("ray/session_*/logs/worker-*.err")}
+    assert logs, f"no Ray worker logs under {ray_tmp}"
+
+    def writers() -> set[str]:
+        found = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in logs:
+                        flags = open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0]
+                        if int(flags, 8) & (os.O_WRONLY | os.O_RDWR):  # not Ray's log monitor, a reader
+                            found.add(pid)
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + timeout_s
+    while (left := writers()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"processes {left} still write to the job's worker logs {timeout_s}s after it ended"
+    return "".join(Path(path).read_text(errors="replace") for path in sorted(logs))
+
+
+def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_env, ray_tmp):
     client = s3_server.client()
     records, good, expected_errors = build_records(tmp_path, client)
     # Two input files, interleaving good and bad records.
@@ -91,8 +131,17 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
                      "--set", "fetch.allow_local_paths=true",
                      "--set", f"fetch.local_path_prefixes=[{tmp_path / 'images'}]",
                      "--set", "fetch.s3_prefixes=[data/images]",
-                     env=s3_env)
+                     env={**s3_env, "RAY_TMPDIR": str(ray_tmp)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    # Issue 20: a run that went well prints no traceback, its engine's shutdown included (bad records are
+    # error rows, not tracebacks). The engine processes' own stderr is read too, once they are all gone:
+    # what they print after the driver has exited never reaches its stderr. Ray killed the resource
+    # tracker with the engine actor's children, and vLLM's Worker, unregistering its shared memory in a
+    # new one, printed a `KeyError: '/psm_...'` traceback (pipeline.shm_tracker).
+    assert "Traceback" not in result.stderr, result.stderr[-6000:]
+    worker_logs = finished_worker_logs(ray_tmp)
+    assert "resource_tracker: process died unexpectedly" not in worker_logs, worker_logs[-6000:]
+    assert "KeyError: '/psm_" not in worker_logs and "KeyError: '/mp-" not in worker_logs, worker_logs[-6000:]
 
     fs, path = make_filesystem(StorageSection(endpoint_url=s3_env["AWS_ENDPOINT_URL"], region="us-east-1"),
                                "s3://data/output/run1")
