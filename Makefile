@@ -9,8 +9,12 @@ STAMP := $(VENV)/.setup-complete
 # tests run jobs.quantize with this path's interpreter.
 QVENV := .venv-quantize
 QSTAMP := $(QVENV)/.setup-complete
+# The tests' vLLM fault injector is its own test-only distribution (tests/fault_injection), installed into the
+# environment for the tests only: vLLM loads plugins from installed entry points, and the production package
+# registers none of ours for testing.
+FSTAMP := $(VENV)/.test-faults-installed
 
-.PHONY: env quantize-env test-deps demo quantize-demo test unit integration clean
+.PHONY: env quantize-env test-deps test-plugins demo quantize-demo test unit integration clean
 
 env: $(STAMP)
 
@@ -22,6 +26,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-deps:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+test-plugins: $(FSTAMP)
+
+$(FSTAMP): tests/fault_injection/pyproject.toml | $(STAMP)
+	$(PY) -m pip install -q --no-deps -e tests/fault_injection
+	touch $@
 
 quantize-env: $(QSTAMP)
 
@@ -44,13 +54,13 @@ quantize-demo: $(QSTAMP) $(WORK)/tiny-gemma3/config.json
 	$(QVENV)/bin/python -m jobs.quantize --model $(WORK)/tiny-gemma3 --output $(WORK)/tiny-gemma3-fp8 --overwrite
 	cat $(WORK)/tiny-gemma3-fp8/quantization_report.md
 
-test: $(STAMP) $(QSTAMP) test-deps
+test: $(STAMP) $(QSTAMP) test-deps $(FSTAMP)
 	$(PY) -m pytest -v --durations=15 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) $(QSTAMP) test-deps
+integration: $(STAMP) $(QSTAMP) test-deps $(FSTAMP)
 	$(PY) -m pytest -v tests/integration
 
 clean:

@@ -5,7 +5,7 @@ injected while the job runs:
 - the driver is SIGKILLed (its whole process tree) at ~40% of rows written, and the same command is rerun;
 - the vLLM engine core process is SIGKILLed mid-run, and later in the same run (one job for both: each
   costs a couple of minutes here) the S3 server is stopped mid-write and started again;
-- a record kills the engine every time it is generated (FakePoison, see pipeline/testing/fake_poison.py).
+- a record kills the engine every time it is generated (FakePoison, see tests/fault_injection/fake_poison.py).
 
 Each asserts that every input row has exactly one output row, and what the manifest says about it. Faults
 are timed on what the output holds (rows committed), never on the clock. Processes are found and stopped
@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ from PIL import Image
 
 from pipeline.config import StorageSection
 from pipeline.storage import make_filesystem
-from pipeline.testing.fake_poison import FAKE_POISON_ENV
 from tests.conftest import OFFLINE_ENV, ROOT, TINY_CPU_CONFIG
+from tests.fault_injection.fake_poison import FAKE_POISON_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -98,8 +99,9 @@ def upload(s3, prefix: str, records: list[dict], files: int = 2) -> str:
 class Job:
     """`python -m jobs.caption` in its own session, with its log in a file."""
 
-    def __init__(self, s3, tiny_model: Path, input_uri: str, output_uri: str, log_path: Path, *extra: str):
-        env = {**os.environ, **OFFLINE_ENV, **s3.env()}
+    def __init__(self, s3, tiny_model: Path, input_uri: str, output_uri: str, log_path: Path, *extra: str,
+                 env: dict[str, str] | None = None):
+        env = {**os.environ, **OFFLINE_ENV, **s3.env(), **(env or {})}
         env.pop("RAY_ADDRESS", None)
         self.log_path = log_path
         command = [sys.executable, "-m", "jobs.caption", "--input", input_uri, "--output", output_uri,
@@ -320,8 +322,12 @@ def test_poison_record_is_isolated_after_bounded_retries(s3, tiny_model, tmp_pat
     records[9]["prompt"] = f"Describe {marker} this image."
     input_uri = upload(s3, "poison/input", records)
     output = Output(s3, "s3://data/poison/output")
+    # Armed through the job's environment (its embedded Ray's workers and their engine cores inherit it), never
+    # through the config: the test-only plugin must be installed (tests/fault_injection, `make test`).
+    assert "fake_poison" in {ep.name for ep in entry_points(group="vllm.general_plugins")}, \
+        "the test-only fault injector is not installed: pip install -e tests/fault_injection"
     job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", "--set", "batch.max_engine_attempts=2",
-              "--set", f"runtime.env_vars.{FAKE_POISON_ENV}='{','.join(map(str, marker_ids))}'")
+              env={FAKE_POISON_ENV: ",".join(map(str, marker_ids))})
     assert job.wait() == 0, job.log()
     table = output.table()
     assert_exactly_once(table, records, poison_ids=frozenset({records[9]["id"]}))

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import records as R
 from pipeline.faults import CrashIsolatingEngine, EngineGate, RowLedger
-from pipeline.testing.fake_poison import contains
+from tests.fault_injection.fake_poison import contains
 
 IDX = "__idx_in_batch"
 

@@ -7,12 +7,14 @@ reaches vLLM's real engine core, which dies by SIGKILL as a segfaulting process 
 then raises its real EngineDeadError, Ray's engine UDF exits its actor, Ray restarts it and retries the
 task, and pipeline.faults must isolate the record. Everything around the fault is real.
 
-Off unless the variable named by FAKE_POISON_ENV holds comma-separated token ids (tests pass it through
-`runtime.env_vars`, which Ray hands to every worker and vLLM to its engine core): then a request whose
-prompt token ids contain that sequence kills the engine core process that receives it. Registered as the
-`fake_poison` entry point of `vllm.general_plugins`, which vLLM runs in every process it starts; the
-engine core is the one that matters. Reading the environment here, outside the config, is deliberate:
-no production setting may switch a fault injector on.
+Off unless the variable named by FAKE_POISON_ENV holds comma-separated token ids (the test sets it in the
+job's own environment, which the embedded Ray cluster's workers inherit and vLLM's engine core from them):
+then a request whose prompt token ids contain that sequence kills the engine core process that receives it.
+
+Registered as the `fake_poison` entry point of `vllm.general_plugins` by the test-only distribution in this
+directory (tests/fault_injection/pyproject.toml, installed by `make test`), never by the production
+package; vLLM runs general plugins in every process it starts, and the engine core is the one that matters.
+Neither the package nor its config can switch a fault injector on.
 """
 from __future__ import annotations
 
