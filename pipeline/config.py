@@ -123,6 +123,13 @@ class EngineSection(_Section):
         default=None,
         description="Ray accelerator type to pin engine replicas to (e.g. 'L40S', 'H100'); None means any.",
     )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine worker reserves, beside its CPU/GPU (added to every "
+        "placement-group bundle, batch and online), e.g. {engine: 1} to keep engine replicas on nodes "
+        "started with `ray start --resources '{\"engine\": N}'` and image preparation elsewhere. Empty: "
+        "none.",
+    )
     gpu_share: float = Field(
         default=1.0, gt=0, le=1,
         description="Share of one GPU each engine worker reserves from Ray. 0.5 places two TP=1 replicas "
@@ -131,6 +138,17 @@ class EngineSection(_Section):
         "pipeline_parallel_size = 1, gpu_memory_utilization <= the share, and kv_cache_memory_bytes: "
         "vLLM sizes its KV cache by profiling free memory, which a neighbour on the same GPU distorts.",
     )
+
+    @field_validator("ray_resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise ValueError(f"{builtin} are set by the engine's own fields; name only custom resources here")
+        bad = sorted(name for name, amount in value.items() if not amount > 0)
+        if bad:
+            raise ValueError(f"resources {bad} must be positive")
+        return value
 
 
 class SamplingSection(_Section):

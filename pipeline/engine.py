@@ -76,11 +76,15 @@ def gpus_per_replica(config: PipelineConfig) -> float:
 def placement_group(config: PipelineConfig) -> dict[str, Any]:
     """One bundle per engine worker. STRICT_PACK keeps a TP group on one node (NVLink, not the network)."""
     count = workers_per_replica(config)
+    # engine.ray_resources pins replicas to nodes that offer them (with TP=1 Ray Data asks them of the
+    # engine actor itself, as it does the bundle's CPU/GPU).
+    extra = dict(config.engine.ray_resources)
     if config.engine.device == "cpu":
         # Without explicit CPU bundles the engine asks Ray for a GPU and never schedules (docs/notes.md: vLLM on a CPU).
-        return {"bundles": [{"CPU": 1}] * count, "strategy": "STRICT_PACK"}
+        return {"bundles": [{"CPU": 1, **extra} for _ in range(count)], "strategy": "STRICT_PACK"}
     # A fractional GPU (engine.gpu_share) lets Ray place several one-GPU replicas on each GPU.
-    return {"bundles": [{"GPU": config.engine.gpu_share, "CPU": 1}] * count, "strategy": "STRICT_PACK"}
+    return {"bundles": [{"GPU": config.engine.gpu_share, "CPU": 1, **extra} for _ in range(count)],
+            "strategy": "STRICT_PACK"}
 
 
 def runtime_env(config: PipelineConfig) -> dict[str, Any] | None:
