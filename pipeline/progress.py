@@ -180,7 +180,12 @@ class RunProgress:
     def __enter__(self) -> "RunProgress":
         import ray
 
-        self.counter = ray.remote(num_cpus=0)(RunCounter).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node, like the row ledger (pipeline/faults.py): placed anywhere, it could land on
+        # an engine node, and a preempted node would take the status line down for the rest of the run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.counter = ray.remote(num_cpus=0)(RunCounter).options(scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._loop, name="run-status", daemon=True)
         self._thread.start()
         return self
