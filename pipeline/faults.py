@@ -175,7 +175,7 @@ def quiet_engine_shutdown() -> None:
 
 
 class CrashIsolatingEngine:
-    """Mixin for a vLLM engine stage UDF (Ray's, or pipeline.tools.ray_stages.ToolChainEngineUDF).
+    """Mixin for a vLLM engine stage UDF (Ray's, or pipeline.tool_stages.ToolChainEngineUDF).
 
     It replaces the parent's batch loop (`udf`) and keeps its per-row generation
     (`_generate_with_error_handling`: error rows, the fatal-error exit, the tool chain).
