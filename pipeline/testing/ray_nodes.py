@@ -145,20 +145,13 @@ class LocalRayNode:
     def kill(self) -> int:
         """Lose the node as a preempted instance is lost: SIGKILL its session and every process of it, by
         PID, with no chance to clean up. Returns how many processes were killed."""
-        import psutil
-
         procs = self.processes()
         if self.process is not None and self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        _sigkill(procs, timeout_s=30)
         if self.process is not None:
             self.process.wait(timeout=30)
         logger.info("Ray node %s: SIGKILLed %d processes", self.name, len(procs))
@@ -176,8 +169,6 @@ class LocalRayNode:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """An orderly stop (SIGTERM to `ray start`), then whatever of the node is left, by PID."""
-        import psutil
-
         if self.process is None:
             return
         procs = self.processes()
@@ -187,13 +178,7 @@ class LocalRayNode:
                 self.process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        alive = [p for p in procs if p.is_running()]
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        _sigkill([p for p in procs if p.is_running()], timeout_s=10)
         if self.process.poll() is None:
             self.process.wait(timeout=10)
         self.process = None
@@ -214,3 +199,15 @@ class LocalRayNode:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _sigkill(procs: list, timeout_s: float) -> None:
+    """SIGKILL each process (one already gone is fine) and wait for them to exit."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout_s)
