@@ -34,7 +34,7 @@ case "${1:-}" in
     python3 -c "import sitecustomize; print('sitecustomize:', sitecustomize.__file__)"
     # The checkpoint needs only the image's torch/transformers: built while the parts are still arriving.
     # tiny_gemma3.py is loaded by path (the package's __init__ needs pydantic, which comes with the parts).
-    cd $KIT/root && setsid nohup env PYTHONPATH=$KIT/root python3 -c "
+    cd $KIT/root && setsid nohup env PYTHONPATH=$KIT/root/ckpt:$KIT/root python3 -c "
 import importlib.util, time, sys
 spec = importlib.util.spec_from_file_location('tg', sys.argv[1]); tg = sys.modules['tg'] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tg)
@@ -52,6 +52,10 @@ import shutil; shutil.rmtree('$W/gemma3-12b-bf16'); print('CHECKPOINT READY', fl
     "${PYTHON:-$ROOT/.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation -w "$ROOT/.gpu/kit/wheel" /tmp/kit-src || exit 1
     cp -r "$ROOT/bench" "$ROOT/configs" "$ROOT/.gpu/kit/root/"
     cp "$ROOT/pipeline/testing/tiny_gemma3.py" "$ROOT/.gpu/kit/root/"
+    # tiny_gemma3 imports pipeline.checkpoint_layout (stdlib only): a bare copy under ckpt/ lets the
+    # checkpoint build run before the parts (pydantic, which pipeline/__init__ needs) have arrived.
+    mkdir -p "$ROOT/.gpu/kit/root/ckpt/pipeline" && touch "$ROOT/.gpu/kit/root/ckpt/pipeline/__init__.py"
+    cp "$ROOT/pipeline/checkpoint_layout.py" "$ROOT/.gpu/kit/root/ckpt/pipeline/"
     find "$ROOT/.gpu/kit" -name __pycache__ -prune -exec rm -rf {} +
     git -C "$ROOT" rev-parse HEAD > "$ROOT/.gpu/kit/COMMIT"; du -sh "$ROOT/.gpu/kit"; ls "$ROOT/.gpu/kit/wheel" ;;
   part)
