@@ -65,6 +65,12 @@ class WarmLLMServer(LLMServer):
     """Ray's engine server; its start ends with the warm-up requests (see the module docstring)."""
 
     async def start(self):
+        # vLLM loads its general plugins (our `gemma3` tool parser among them) when it builds an engine;
+        # with vLLM 0.26 Ray's server checks the tool parser by name before that, in this process: load
+        # them first (idempotent), or `enable_auto_tool_choice` fails the replica's start.
+        from vllm.plugins import load_general_plugins
+
+        load_general_plugins()
         await super().start()
         await self.warm_up()
 
