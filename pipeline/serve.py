@@ -61,9 +61,10 @@ def llm_config_args(config: PipelineConfig) -> dict[str, Any]:
         "placement_group_config": placement_group(config),
         "runtime_env": runtime_env(config),
     }
-    if serve.warmup:
-        # Ray's LLMServer plus warm-up requests at the end of its start (LLMConfig.server_cls).
-        args["server_cls"] = "pipeline.serve_warmup:WarmLLMServer"
+    # Ray's LLMServer with our plugins loaded first, plus warm-up requests at the end of its start unless
+    # turned off (LLMConfig.server_cls).
+    args["server_cls"] = ("pipeline.serve_warmup:WarmLLMServer" if serve.warmup
+                          else "pipeline.serve_warmup:PluginLLMServer")
     if config.engine.device == "cpu":
         # Without it Ray's LLM server looks for a GPU.
         args["accelerator_config"] = {"kind": "cpu"}

@@ -61,16 +61,23 @@ def warmup_requests(model_id: str, with_tools: bool) -> list[tuple[str, dict]]:
     return requests if with_tools else requests[:1]
 
 
-class WarmLLMServer(LLMServer):
-    """Ray's engine server; its start ends with the warm-up requests (see the module docstring)."""
+class PluginLLMServer(LLMServer):
+    """Ray's engine server, with vLLM's general plugins loaded in the replica before its start."""
 
     async def start(self):
-        # vLLM loads its general plugins (our `gemma3` tool parser among them) when it builds an engine;
-        # with vLLM 0.26 Ray's server checks the tool parser by name before that, in this process: load
-        # them first (idempotent), or `enable_auto_tool_choice` fails the replica's start.
+        # vLLM loads its general plugins (our `gemma3` tool parser among them) when it builds an engine.
+        # With vLLM 0.26, Ray's server looks the tool parser up by name before that, in this process, and
+        # the replica failed its start on an H200 (2026-12-03): load them first (idempotent).
         from vllm.plugins import load_general_plugins
 
         load_general_plugins()
+        await super().start()
+
+
+class WarmLLMServer(PluginLLMServer):
+    """The engine server whose start ends with the warm-up requests (see the module docstring)."""
+
+    async def start(self):
         await super().start()
         await self.warm_up()
 

@@ -110,7 +110,9 @@ def test_engine_replicas_warm_up_unless_turned_off():
     args = llm_config_args(PipelineConfig.load(environ={}))
     assert args["server_cls"] == "pipeline.serve_warmup:WarmLLMServer"
     assert LLMConfig(**args).server_cls is WarmLLMServer  # Ray resolves the path itself
-    assert "server_cls" not in llm_config_args(PipelineConfig.load(overrides=["serve.warmup=false"], environ={}))
+    # Off: the plugins still load before Ray's server looks up the tool parser, only the requests go.
+    assert (llm_config_args(PipelineConfig.load(overrides=["serve.warmup=false"], environ={}))["server_cls"]
+            == "pipeline.serve_warmup:PluginLLMServer")
     image, tool = warmup_requests("gemma-3-12b-it", with_tools=True)
     content = image[1]["messages"][0]["content"]
     assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
