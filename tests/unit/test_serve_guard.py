@@ -44,9 +44,9 @@ def png_declaring(width: int, height: int, rows: int = 40) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
-def decoded(url: str) -> Image.Image:
+def decoded(url: str, media_type: str = "image/bmp") -> Image.Image:
     header, payload = url.split(",", 1)
-    assert header == "data:image/bmp;base64"
+    assert header == f"data:{media_type};base64"
     image = Image.open(io.BytesIO(base64.b64decode(payload)))
     image.load()
     return image
@@ -300,6 +300,47 @@ def test_images_are_passed_on_at_the_model_size():
     expected = prepare_image(original, policy().image_limits, ImageTarget(896))
     assert np.array_equal(np.asarray(sent), np.asarray(expected))
     assert body["messages"][0]["content"][1] == TEXT and body["max_tokens"] == 4096
+
+
+def encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def noise(size=(896, 896), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("fmt, media_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_an_upload_already_at_the_model_size_goes_on_as_it_came(fmt, media_type):
+    """An RGB 896 x 896 JPEG/PNG/WebP is what the model sees already: its own bytes go on (a BMP would be
+    ~26x a JPEG's size through the ingress and the engine replica), and they decode to the pixels batch
+    would give the model."""
+    original = encoded(noise(), fmt, **({"quality": 90} if fmt != "PNG" else {}))
+    body, large = chat(image_part(data_url(original, media_type)), TEXT), policy(**{"images.max_bytes": 5_000_000})
+    assert check_request(CHAT, body, large, refuse_fetch) is True
+    url = body["messages"][0]["content"][0]["image_url"]["url"]
+    assert base64.b64decode(url.split(",", 1)[1]) == original
+    expected = prepare_image(original, large.image_limits, ImageTarget(896))
+    assert np.array_equal(np.asarray(decoded(url, media_type).convert("RGB")), np.asarray(expected))
+
+
+def test_an_upload_that_needs_changing_goes_on_as_the_prepared_pixels():
+    """Rotated by EXIF, grayscale, or one pixel off the size: the prepared pixels go on, as BMP."""
+    rotated = noise().getexif()
+    rotated[0x0112] = 6  # EXIF Orientation: rotate 90
+    uploads = {"exif-rotated": encoded(noise(), "JPEG", exif=rotated.tobytes()),
+               "grayscale": encoded(noise(mode="L"), "JPEG"),
+               "895 px": encoded(noise((895, 896)), "PNG")}
+    large = policy(**{"images.max_bytes": 5_000_000})
+    for name, original in uploads.items():
+        body = chat(image_part(data_url(original, "image/jpeg")), TEXT)
+        check_request(CHAT, body, large, refuse_fetch)
+        sent = decoded(body["messages"][0]["content"][0]["image_url"]["url"])
+        expected = prepare_image(original, large.image_limits, ImageTarget(896))
+        assert np.array_equal(np.asarray(sent), np.asarray(expected)), name
 
 
 def test_the_checkpoint_image_size_is_used():
