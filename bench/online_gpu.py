@@ -9,6 +9,10 @@ Targets, one at a time on the card, same checkpoint, each behind an API key:
   card        the model card's command: `vllm serve CHECKPOINT --gpu-memory-utilization 0.9
               --max-model-len 8192 --api-key K --served-model-name gemma-3-12b-it` (CUDA graphs)
   card-eager  the same with `--enforce-eager`, as the card prints it
+  ours-uni    `ours` with vLLM's in-process executor instead of the Ray executor (an experiment: does the
+              extra worker process cost throughput? bench/vllm_bridge applies it, one-GPU machines only)
+  ours-scale  `ours` with two replicas allowed on the card (half of it each): instead of the levels, a
+              rising load until the second replica serves, every request logged (bench/online_scale.py)
 
 For each: start-up time to ready; the first request after ready and then three more, one at a time
 (a distinct 896 px image + a short prompt -> 128 tokens, streamed); tool calls through the `openai`
@@ -36,7 +40,11 @@ from bench.online_latency import SERVED, load, stream_one
 
 # The model card's flags, verbatim, besides the model path and where it listens.
 CARD_FLAGS = ["--gpu-memory-utilization", "0.9", "--max-model-len", "8192"]
-TARGETS = ("ours", "card", "card-eager")
+TARGETS = ("ours", "ours-uni", "ours-scale", "card", "card-eager")
+# ours-scale: two engine replicas allowed on the one card (half of it each), scaling out above 16 requests
+# in flight per replica: the one -> two scale-up run (bench/online_scale.py).
+SCALE_SETS = ["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.42", "serve.min_replicas=1",
+              "serve.max_replicas=2", "serve.target_ongoing_requests=16"]
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -51,14 +59,19 @@ TOOL_CHOICES = {"auto": "auto", "required": "required",
 def target_command(target: str, checkpoint: str, port: int, key: str, config: str,
                    overrides: list[str]) -> tuple[list[str], dict]:
     """The server's argv and the environment additions it needs."""
-    if target == "ours":
+    if target.startswith("ours"):
         sets = ["serve.host=127.0.0.1", f"serve.port={port}", "serve.min_replicas=1", "serve.max_replicas=1",
                 "model.quantization=any", "runtime.local_num_cpus=16", "engine.enforce_eager=false",
                 # The benchmark is one client at full load: the per-key limits would measure themselves.
                 "serve.rate_limit={requests_per_minute: 1000000000, tokens_per_minute: 1000000000000}",
-                *overrides]
+                *(SCALE_SETS if target == "ours-scale" else []), *overrides]
         command = [sys.executable, "-m", "jobs.serve", "--config", config, "--model", checkpoint]
-        return command + [a for s in sets for a in ("--set", s)], {"GEMMA_API_KEYS": key}
+        env = {"GEMMA_API_KEYS": key}
+        if target == "ours-uni":
+            # The experiment: vLLM's in-process executor instead of the Ray executor ray.serve.llm sets
+            # even at TP=1 (bench/vllm_bridge applies it; on a one-GPU machine only).
+            env["BENCH_SERVE_EXECUTOR"] = "uni"
+        return command + [a for s in sets for a in ("--set", s)], env
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, *CARD_FLAGS,
                "--api-key", key, "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port)]
     return command + (["--enforce-eager"] if target == "card-eager" else []), {}
@@ -82,7 +95,7 @@ def wait_ready(process: subprocess.Popen, target: str, base: str, key: str, time
         if log_path is not None and log_path.exists() and REPLICA_FAILED in log_path.read_text(errors="replace"):
             raise RuntimeError(f"{target}: a Serve replica failed its start (see {log_path})")
         try:
-            if target == "ours":
+            if target.startswith("ours"):
                 ok = httpx.get(f"{base}/ready", timeout=5).status_code == 200
             else:
                 ok = (httpx.get(f"{base}/health", timeout=5).status_code == 200
@@ -243,6 +256,9 @@ def run_target(target: str, args, images: list[str], camera: list[str], key: str
         print(f"[{target}] first {singles[0]} then {singles[1:]}", flush=True)
         record["tools"] = asyncio.run(tool_calls(f"{base}/v1", key))
         print(f"[{target}] tools {json.dumps(record['tools'])[:600]}", flush=True)
+        if target == "ours-scale":
+            record["scale"] = scale_run(base, key, images, args, log_path)
+            return record
         levels = [int(c) for c in args.concurrency.split(",")]
         # Untimed: every batch shape of the levels (the vision encoder has no CUDA graphs) runs once first.
         asyncio.run(load([f"{base}/v1"], images[-260:-4], max(levels), 10, 16, api_key=key))
@@ -270,6 +286,35 @@ def run_target(target: str, args, images: list[str], camera: list[str], key: str
     return record
 
 
+def scale_run(base: str, key: str, images: list[str], args, log_path: Path) -> dict:
+    """The rising load of bench/online_scale.py against the started endpoint; prints its summary."""
+    import httpx
+    import openai
+
+    from bench.online_scale import rising_load
+
+    steps = [(int(n), float(s)) for n, s in (step.split(":") for step in args.scale_steps.split(","))]
+    top = max(n for n, _ in steps)
+    limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8)
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600,
+                                http_client=openai.DefaultAsyncHttpxClient(limits=limits))
+    counter = iter(range(10**9))
+
+    async def one():
+        return await stream_one(client, images[next(counter) % len(images)], GENERATED_TOKENS)
+
+    async def run():
+        try:
+            return await rising_load(one, steps, log_path, wait_limit_s=args.scale_wait_s, after_s=args.scale_after_s)
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    print(f"[ours-scale] {result['requests']} requests, {result['failed']} failed {result['failures_by_kind']}; "
+          f"timeline {json.dumps(result['timeline'])}; phases {json.dumps(result['per_replica_phase'])}", flush=True)
+    return result
+
+
 def report_level(target: str, workload: str, result: dict) -> None:
     print(f"[{target}] {workload} {result['streams']:>3} streams: {result['requests_per_s']} req/s, latency p50 "
           f"{result['latency_p50_s']} p99 {result['latency_p99_s']}, ttft p50 {result['ttft_p50_s']} "
@@ -292,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=18300)
     parser.add_argument("--workdir", default="/tmp/online")
     parser.add_argument("--ready-timeout-s", type=float, default=600)
+    parser.add_argument("--scale-steps", default="4:30,16:30,64:45",
+                        help="ours-scale: streams:seconds steps; the last holds until two replicas warmed up")
+    parser.add_argument("--scale-wait-s", type=float, default=300, help="ours-scale: longest wait for the second")
+    parser.add_argument("--scale-after-s", type=float, default=60, help="ours-scale: the top step after it")
     args = parser.parse_args(argv)
     args.checkpoint = str(Path(args.checkpoint).resolve())
     args.config = str(Path(args.config).resolve())
