@@ -337,6 +337,18 @@ class BatchSection(_Section):
     )
     prepare_batch_size: int = Field(default=16, ge=1, description="Rows per image-preparation batch.")
     prepare_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per preparation worker.")
+    prepare_cpu_s_per_image: float = Field(
+        default=0.0078, gt=0,
+        description="CPU seconds per image of the preparation stages together (parquet read, decode and "
+        "resize, the chat template and tokenizer stages), for the CPU budget of --dry-run. The default is "
+        "workload W1 (896 x 896 JPEGs in the parquet, 7.8 ms); camera-sized 4032 x 3024 photos (W2) cost "
+        "0.061 (docs/batch.md, CPU per GPU). Measure your own images with `python -m bench.prepare_cost`.",
+    )
+    engine_images_per_s: float = Field(
+        default=27.2, gt=0,
+        description="Images per second one engine GPU captions, for the CPU budget of --dry-run: the "
+        "pipeline's measured W1 rate on an H200 (docs/performance.md). Smaller cards need fewer CPUs per GPU.",
+    )
     rows_per_file: int = Field(
         default=10_000, ge=1,
         description="Rows per output parquet file. Smaller files appear sooner and lose less on a crash; "

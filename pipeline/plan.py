@@ -12,6 +12,11 @@ Memory per GPU is an estimate from the config and the checkpoint, with the formu
   get the rest; on CPU the KV cache is engine.kv_cache_memory_bytes;
 - KV bytes per sequence of max_model_len: 2 (K, V) x kv_heads x head_dim x dtype bytes, over full-attention
   layers for every token and sliding-window layers for at most their window.
+
+The CPU budget (`cpu_budget`) checks that the CPUs left beside the engines can prepare images as fast as
+the engines caption them: batch.prepare_cpu_s_per_image x batch.engine_images_per_s x headroom per GPU
+(both measured by `python -m bench.prepare_cost`, docs/batch.md: CPU per GPU), against the cluster's CPUs
+per GPU (Ray's resources, or cluster.yaml's GPU node type while an autoscaling cluster has no GPU node).
 """
 from __future__ import annotations
 
@@ -33,6 +38,13 @@ GIB = 2**30
 CARD_MIB = {"H200": 143771, "H100": 81559, "A100-80G": 81920, "A100-40G": 40960, "L40S": 46068,
             "L4": 23034, "A10G": 23028}
 EXAMPLE_CARDS = ("H100", "L40S", "L4")
+# CPU budget: Ray Data's own work between stages (serialisation, scheduling, GC) is not in the measured
+# per-image costs, and a pool below its need lets the engines starve; 1.5x covers both.
+CPU_HEADROOM = 1.5
+# vLLM's per-request work in the engine actor's process (multimodal processor with our uint8 variant,
+# request encoding), measured by bench.prepare_cost: the same for any input size, since the pixels arrive
+# at 896 px. It is one process per replica, so it caps a replica whatever the CPU count.
+FRONTEND_CPU_S_PER_IMAGE = 0.010
 
 
 def kv_bytes_per_sequence(model_config: dict[str, Any], max_model_len: int, dtype_bytes: int) -> Optional[int]:
@@ -113,8 +125,94 @@ def lease_holder(config: PipelineConfig, output_uri: str) -> Optional[str]:
     return describe(current[1], lease.clock())
 
 
+def cpu_budget(config: PipelineConfig, cpus: Optional[float], gpus: Optional[float], source: str) -> dict[str, Any]:
+    """Whether `cpus` beside `gpus` (a cluster's, or one node type's) can feed the engines, with warnings
+    that say what to change. Per GPU: needed = prepare_cpu_s_per_image x engine_images_per_s x headroom;
+    available = (CPUs - the engines' own placement-group CPUs) / GPUs the engines use."""
+    batch, engine = config.batch, config.engine
+    budget: dict[str, Any] = {"source": source, "checked": False, "warnings": [],
+                              "cpu_s_per_image": batch.prepare_cpu_s_per_image,
+                              "images_per_s_per_gpu": batch.engine_images_per_s, "headroom": CPU_HEADROOM}
+    if engine.device != "gpu":
+        budget["reason"] = "CPU engine: not checked"
+        return budget
+    gpus_each = gpus_per_replica(config)
+    _, high = fixed_or_range(batch.engine_replicas)
+    needed_per_gpu = batch.prepare_cpu_s_per_image * batch.engine_images_per_s * CPU_HEADROOM
+    budget["needed_cpus_per_gpu"] = needed_per_gpu
+    # The engine actor's front-end: one process per replica, whatever CPUs the node has.
+    frontend_load = FRONTEND_CPU_S_PER_IMAGE * batch.engine_images_per_s * gpus_each
+    budget["frontend_core_load"] = frontend_load
+    if frontend_load >= 1.0:
+        budget["warnings"].append(
+            f"the engine actor's front-end (one process per replica) would need {frontend_load:.2f} cores at "
+            f"{batch.engine_images_per_s:g} images/s x {gpus_each:g} GPU(s) per replica: it caps each replica "
+            f"at ~{1 / FRONTEND_CPU_S_PER_IMAGE:.0f} images/s whatever the CPU count; run more replicas of "
+            "fewer GPUs each (engine.tensor_parallel_size)")
+    # The preparation pools: every PrepareRecords actor is one process, so at most about one core each.
+    _, prepare_high = fixed_or_range(batch.prepare_replicas)
+    needed_at_max = needed_per_gpu * gpus_each * high
+    budget["needed_cpus_at_max_replicas"] = needed_at_max
+    if prepare_high < needed_at_max:
+        budget["warnings"].append(
+            f"batch.prepare_replicas allows at most {prepare_high} preparation workers (about one core each) "
+            f"but {high} engine replica(s) need ~{needed_at_max:.1f} cores of preparation: raise "
+            f"batch.prepare_replicas to [.., {math.ceil(needed_at_max)}] or more")
+    if not cpus or not gpus or gpus <= 0:
+        budget["reason"] = "no GPU in the cluster's resources: CPUs per GPU not checked"
+        return budget
+    used_gpus = min(gpus_each * high, gpus)
+    engine_cpus = sum(b.get("CPU", 0) for b in placement_group(config)["bundles"]) * used_gpus / gpus_each
+    available_per_gpu = max(cpus - engine_cpus, 0.0) / used_gpus
+    budget.update(checked=True, cpus=cpus, gpus=gpus, engine_gpus=used_gpus, engine_cpus=engine_cpus,
+                  available_cpus_per_gpu=available_per_gpu)
+    if available_per_gpu < needed_per_gpu:
+        # Each GPU in use takes its engine's bundle CPUs and its preparation share: these CPUs feed this many.
+        fed = int(cpus // (engine_cpus / used_gpus + needed_per_gpu))
+        budget["warnings"].append(
+            f"{source} leaves {available_per_gpu:.1f} CPUs per GPU for preparation ({cpus:g} CPUs - {engine_cpus:g} "
+            f"for the engines, over {used_gpus:g} GPUs) but the engines need ~{needed_per_gpu:.1f} "
+            f"({batch.prepare_cpu_s_per_image * 1e3:.1f} ms CPU per image x {batch.engine_images_per_s:g} "
+            f"images/s x {CPU_HEADROOM:g} headroom): the GPUs will wait on the CPUs. Use nodes with more CPUs "
+            f"per GPU, or fewer engine replicas ({cpus:g} CPUs feed ~{fed} GPU(s): batch.engine_replicas); "
+            "batch.prepare_cpu_s_per_image is the workload's cost (bench.prepare_cost)")
+    return budget
+
+
+def cluster_yaml_gpu_node(path: str = "cluster.yaml") -> Optional[tuple[float, float, str]]:
+    """(CPUs, GPUs, name) of the first GPU node type in a Ray cluster launcher file, or None."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            types = (yaml.safe_load(handle) or {}).get("available_node_types") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    for name, node in types.items():
+        resources = (node or {}).get("resources") or {}
+        if resources.get("GPU") and resources.get("CPU"):
+            return float(resources["CPU"]), float(resources["GPU"]), name
+    return None
+
+
+def cluster_resources(config: PipelineConfig) -> tuple[Optional[float], Optional[float], str]:
+    """CPUs and GPUs the engines and preparation share: the joined Ray cluster's; while it has no GPU (an
+    autoscaling cluster at zero workers, a laptop) one GPU node of cluster.yaml, when there is one."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU"), resources.get("GPU")
+    if gpus or config.engine.device != "gpu":
+        return cpus, gpus, "the Ray cluster"
+    node = cluster_yaml_gpu_node()
+    if node is not None:
+        return node[0], node[1], f"cluster.yaml's GPU node type {node[2]}"
+    return cpus, gpus, "the Ray cluster"
+
+
 def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, output_uri: str, output: str,
-               weights_bytes: Optional[int], model_config: dict[str, Any]) -> dict[str, Any]:
+               weights_bytes: Optional[int], model_config: dict[str, Any],
+               cluster: Optional[tuple[Optional[float], Optional[float], str]] = None) -> dict[str, Any]:
     """The plan as a dict: input, model, output, stages with replicas and placement, memory."""
     batch, engine = config.batch, config.engine
     low, high = fixed_or_range(batch.engine_replicas)
@@ -152,6 +250,7 @@ def build_plan(config: PipelineConfig, *, input_plan: Any, model_plan: Any, outp
                    "engine_kwargs": engine_kwargs(config)},
         "stages": stages,
         "memory": memory_estimate(config, weights_bytes, model_config),
+        "cpu_budget": cpu_budget(config, *(cluster or (None, None, "no cluster"))),
     }
 
 
@@ -173,7 +272,8 @@ def plan_run(config: PipelineConfig, input_uri: str, output_uri: str, *, overwri
     init_ray(config)
     input_plan = plan_input(config, input_uri)
     return build_plan(config, input_plan=input_plan, model_plan=model_plan, output_uri=output_uri,
-                      output=state, weights_bytes=weights, model_config=model_config)
+                      output=state, weights_bytes=weights, model_config=model_config,
+                      cluster=cluster_resources(config))
 
 
 def _range(value: tuple[int, int]) -> str:
@@ -224,5 +324,27 @@ def format_plan(plan: dict[str, Any]) -> str:
                      f"per GPU ({_gib(c['reserved_per_gpu_bytes'] * mem['ranks_per_replica'])} per replica); "
                      f"KV cache + activations {_gib(c['kv_and_activations_per_gpu_bytes'])} per GPU"
                      + (f" (~{fits:,} full-length sequences per replica)" if fits is not None else ""))
-    lines += [f"  ({mem['formula']})", "", "engine arguments: " + json.dumps(e["engine_kwargs"], sort_keys=True)]
+    lines += [f"  ({mem['formula']})", ""]
+    lines += format_cpu_budget(plan.get("cpu_budget"))
+    lines += ["", "engine arguments: " + json.dumps(e["engine_kwargs"], sort_keys=True)]
     return "\n".join(lines)
+
+
+def format_cpu_budget(budget: Optional[dict[str, Any]]) -> list[str]:
+    if not budget:
+        return []
+    lines = ["CPU budget:"]
+    if "needed_cpus_per_gpu" in budget:
+        lines.append(f"  needed ~{budget['needed_cpus_per_gpu']:.1f} CPUs per GPU for preparation "
+                     f"({budget['cpu_s_per_image'] * 1e3:.1f} ms CPU per image, batch.prepare_cpu_s_per_image, x "
+                     f"{budget['images_per_s_per_gpu']:g} images/s per GPU, batch.engine_images_per_s, x "
+                     f"{budget['headroom']:g} headroom); the engine front-end ~{budget['frontend_core_load']:.2f} "
+                     "of one core per replica")
+    if budget["checked"]:
+        lines.append(f"  available {budget['available_cpus_per_gpu']:.1f} CPUs per GPU on {budget['source']} "
+                     f"({budget['cpus']:g} CPUs, {budget['engine_cpus']:g} of them for the engines, "
+                     f"{budget['engine_gpus']:g} GPUs used)" + ("" if budget["warnings"] else ": enough"))
+    else:
+        lines.append(f"  {budget['reason']}")
+    lines += [f"WARNING: {w}" for w in budget["warnings"]]
+    return lines
