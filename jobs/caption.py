@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "holds an input")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (input rows and duplicates, stages, replicas, placement, expected "
-                        "memory per replica) and exit; starts no engine and takes no GPU")
+                        "memory per replica, CPUs per GPU against what preparation needs, with a warning when short) and "
+                        "exit; starts no engine and takes no GPU")
     return parser.parse_args(argv)
 
 
