@@ -62,5 +62,62 @@ case "${1:-}" in
     cd "$ROOT" && ${PYTHON:-python3} -c "import sys; from bench.gpu_throughput import parse_lanes; parse_lanes(sys.argv[1])" "$3" || exit 1
     echo "$3" | tr ',' '\n' | flock $BENCH/lane-$2.queue -c "cat >> $BENCH/lane-$2.queue"
     echo "lane $2 queue:"; cat $BENCH/lane-$2.queue ;;
-  *) echo "usage: $0 part FILE | start [ARGS] | poll SECONDS | queue LANE RUN[,RUN...]" >&2; exit 2 ;;
+  job)
+    # The job-level benchmark (bench/job_run.py, issue steady) on a one-GPU machine, from the kit that
+    # `bench/online_gpu_session.sh kit` builds here (our wheel from HEAD, bench/ and configs/):
+    #   job stage   (carry .gpu/kit .gpu/parts/part-01) the online script's stage: kit and first part to
+    #               /tmp, the 12B-shaped FP8 checkpoint built detached; here also the datasets, detached,
+    #               if the image's Python can already write them (else `job start` writes them)
+    #   job part    (carry .gpu/parts/part-NN) copy that part
+    #   job start [ARGS]   unpack, pip-install our wheel, wait for the checkpoint and the datasets, start
+    #               bench.job_run detached (ARGS go to it, after the defaults below)
+    #   job poll SECONDS   wait for it (keeping the lease busy), copy results and logs to $OUT
+    shift
+    J=/tmp/jobrun; KIT=/tmp/kit; mkdir -p $J
+    export PYTHONPATH=$KIT/root/bench/vllm_bridge:/tmp/site
+    case "${1:-}" in
+      stage)
+        bash "$ROOT/bench/online_gpu_session.sh" stage || exit 1
+        cd $KIT/root && setsid nohup env PYTHONPATH=$KIT/root python3 -m bench.job_data /tmp/jobdata \
+          --w1 "${JOB_W1:-10000}" --w2 "${JOB_W2:-1000}" --workers 16 > $J/data.log 2>&1 < /dev/null &
+        echo $! > $J/data.pid; sleep 5; cat $J/data.log ;;
+      part)
+        bash "$ROOT/bench/online_gpu_session.sh" part; tail -2 $J/data.log ;;
+      start)
+        shift
+        [ -d "$ROOT/.gpu/kit/wheel" ] && rm -rf $KIT && cp -r "$ROOT/.gpu/kit" $KIT
+        if [ ! -f /tmp/site/.unpacked ]; then
+          bash /tmp/gpu-parts/unpack.sh /tmp/gpu-parts > $J/unpack.log 2>&1 || { tail -20 $J/unpack.log; exit 1; }
+          touch /tmp/site/.unpacked
+        fi
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          $KIT/wheel/*.whl || exit 1
+        (cd $J && python3 -c "import vllm, ray, ray.data.llm, pipeline, jobs.caption; print('vllm', vllm.__version__, 'ray', ray.__version__, 'pipeline from', pipeline.__file__)") || exit 1
+        for _ in $(seq 100); do
+          grep -q "CHECKPOINT READY" /tmp/online/checkpoint.log && break
+          grep -q "Traceback" /tmp/online/checkpoint.log && { tail -20 /tmp/online/checkpoint.log; exit 1; }; sleep 3
+        done
+        grep -q "CHECKPOINT READY" /tmp/online/checkpoint.log || { echo "no checkpoint after 300 s"; exit 1; }
+        # A dataset writer started by `job stage` finishes first; one that failed there (no pyarrow in the
+        # image) leaves the writing to bench.job_run, which reuses whatever workload is complete.
+        while kill -0 "$(cat $J/data.pid 2>/dev/null)" 2>/dev/null; do sleep 2; done; tail -3 $J/data.log
+        if kill -0 "$(cat $J/runner.pid 2>/dev/null)" 2>/dev/null; then echo "runner $(cat $J/runner.pid) still running"; exit 1; fi
+        cd $KIT/root && setsid nohup python3 -m bench.job_run /tmp/online/gemma3-12b-fp8 --data /tmp/jobdata \
+          --workdir $J --results $J/results.json --config configs/gpu-fp8.yaml --set runtime.local_num_cpus=16 \
+          --w1 "${JOB_W1:-10000}" --w2 "${JOB_W2:-1000}" --workers 16 "$@" > $J/runner.log 2>&1 < /dev/null &
+        echo $! > $J/runner.pid; echo "runner pid $!"; sleep 15; tail -5 $J/runner.log ;;
+      poll)
+        end=$((SECONDS + ${2:-300}))
+        while [ $SECONDS -lt $end ]; do
+          kill -0 "$(cat $J/runner.pid 2>/dev/null)" 2>/dev/null || break
+          cp $J/results.json $J/runner.log "${OUT:-/tmp}/" 2>/dev/null
+          sleep 5
+        done
+        cp $J/results.json $J/runner.log "${OUT:-/tmp}/" 2>/dev/null
+        (cd $J && tar czf "${OUT:-/tmp}/job-logs.tar.gz" *.log 2>/dev/null)
+        nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
+        grep -v "^\s*$" $J/runner.log | tail -30 ;;
+      *) echo "usage: $0 job stage | part | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
+    esac ;;
+  *) echo "usage: $0 part FILE | start [ARGS] | poll SECONDS | queue LANE RUN[,RUN...] | job stage|part|start|poll" >&2; exit 2 ;;
 esac
