@@ -56,7 +56,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import GENERATED_TOKENS, RESULT_PREFIX, GpuSampler, card_name
+from bench.common import GENERATED_TOKENS, RESULT_PREFIX, GpuSampler
 from bench.job_window import job_rates, output_instants, progress_snapshots, steady_window, usd_per_million
 
 TARGETS = ("ours-w1", "plain-w1", "ours-w2", "plain-w2")
@@ -107,6 +107,17 @@ class Job:
         self.reader.join(timeout=10)
         self.log.close()
         wait_gpu_free()
+
+
+def card_name() -> str:
+    """The GPU's name from nvidia-smi: not torch, whose CUDA context would hold memory on the card that
+    the jobs need."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True).stdout.strip()
+    except FileNotFoundError:
+        return "cpu"
+    return out.splitlines()[0] if out else "cpu"
 
 
 def wait_gpu_free(timeout_s: float = 90) -> None:
