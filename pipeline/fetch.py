@@ -255,17 +255,19 @@ class Fetcher:
         return self._under_prefixes(opened)
 
     def _read_fd(self, fd: int, uri: str, deadline: _Deadline) -> bytes:
+        return self._read_bounded(lambda: os.read(fd, _CHUNK), uri, deadline)
+
+    def _read_bounded(self, read: Callable[[], bytes], uri: str, deadline: _Deadline) -> bytes:
+        """Chunks from `read()` until it returns none: refused past max_bytes or past the deadline."""
         chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, _CHUNK)
-            if not chunk:
-                return b"".join(chunks)
+        while chunk := read():
             total += len(chunk)
             if total > self.max_bytes:
                 raise _too_large(uri, self.max_bytes)
             chunks.append(chunk)
             if deadline.left() <= 0:
                 raise deadline.error(uri)
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------ data:
     def _data_url(self, uri: str) -> bytes:
@@ -310,19 +312,11 @@ class Fetcher:
         if response.get("ContentLength", 0) > self.max_bytes:
             response["Body"].close()
             raise _too_large(uri, self.max_bytes)
-        chunks, total = [], 0
         try:
             with response["Body"] as body:
-                while chunk := body.read(_CHUNK):
-                    total += len(chunk)
-                    if total > self.max_bytes:
-                        raise _too_large(uri, self.max_bytes)
-                    chunks.append(chunk)
-                    if deadline.left() <= 0:
-                        raise deadline.error(uri)
+                return self._read_bounded(lambda: body.read(_CHUNK), uri, deadline)
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise _error(ErrorKind.UNREACHABLE, f"{uri}: {type(exc).__name__} while reading") from None
-        return b"".join(chunks)
 
     def _s3_allowed(self, bucket: str, key: str) -> bool:
         if not self.policy.s3_prefixes:
