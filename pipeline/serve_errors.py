@@ -27,6 +27,23 @@ _TYPES_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 4
 _OPENAI_TYPES = frozenset(_TYPES_BY_STATUS.values()) | {"server_error"}
 
 
+# What Ray raises in the ingress when the engine replica under a request went away (its node lost, its
+# process killed) or no replica is left to take it: the request itself was fine and another replica can
+# answer it, so the client gets a retryable 503 (code "replica_lost") instead of Ray's bodiless-cause 500 or
+# a stream cut mid-body (docs/preemption.md). Matched by class name so this module needs no Ray.
+LOST_REPLICA_ERRORS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                 "ReplicaUnavailableError", "DeploymentUnavailableError"})
+
+
+def is_lost_replica(exc: BaseException) -> bool:
+    return any(cls.__name__ in LOST_REPLICA_ERRORS for cls in type(exc).__mro__)
+
+
+def lost_replica_error() -> ApiError:
+    return ApiError(503, "the model replica serving this request was lost (its node went away or it "
+                         "crashed); retry the request", type="service_unavailable_error", code="replica_lost")
+
+
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     """A 400 from pydantic's errors for the request schema, naming the offending parameter.
 

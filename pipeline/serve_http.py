@@ -21,7 +21,7 @@ from typing import Optional
 from starlette.datastructures import Headers
 
 from .config import RateLimit
-from .serve_errors import reshape_error_body
+from .serve_errors import is_lost_replica, lost_replica_error, reshape_error_body
 from .serve_guard import (
     ApiError,
     ApiKeyCheck,
@@ -79,7 +79,18 @@ class GuardMiddleware:
             extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else []
             await _send_json(send, error.status, error.body(), extra + error.headers)
             return
-        await self.app(scope, receive, _ErrorReshaper(send, scope["path"]))
+        reshaper = _ErrorReshaper(send, scope["path"])
+        try:
+            await self.app(scope, receive, reshaper)
+        except Exception as exc:
+            # The engine replica went away under a response already begun (a stream): Ray lets the error
+            # escape and the proxy cuts the body, which a client reads as a broken connection. End it
+            # with an OpenAI error event instead (one it can tell apart and retry); an unbegun response
+            # gets the 503 (Ray's route errors are turned into one by the ingress's exception handler).
+            if not is_lost_replica(exc) or not await reshaper.end_with(lost_replica_error()):
+                raise
+            logger.warning("%s %s: engine replica lost mid-response (%s)", scope["method"], scope["path"],
+                           type(exc).__name__)
 
     async def _checked_body(self, scope, receive, headers: Headers, key: str):
         path = scope["path"]
@@ -181,8 +192,31 @@ class _ErrorReshaper:
         self._path = path
         self._start: Optional[dict] = None
         self._chunks: list[bytes] = []
+        self._sent_start = self._finished = self._event_stream = False
+
+    async def end_with(self, error: ApiError) -> bool:
+        """End a response the app failed to finish with `error`: the JSON error if nothing was sent yet,
+        else a last `data: {"error": ...}` event if it is a stream (what OpenAI's clients raise as an
+        APIError). False when neither can be sent (a JSON body already begun, or the response complete)."""
+        if self._finished:
+            return False
+        if not self._sent_start:
+            await _send_json(self._send, error.status, error.body(), error.headers)
+        elif self._event_stream:
+            await self._send({"type": "http.response.body", "more_body": False,
+                              "body": f"data: {json.dumps(error.body())}\n\n".encode()})
+        else:
+            return False
+        self._finished = True
+        return True
 
     async def __call__(self, message):
+        if message["type"] == "http.response.start" and message["status"] < 400:
+            self._sent_start = True
+            content_type = Headers(raw=message["headers"]).get("content-type", "")
+            self._event_stream = content_type.startswith("text/event-stream")
+        elif message["type"] == "http.response.body" and self._start is None and not message.get("more_body"):
+            self._finished = True
         if message["type"] == "http.response.start" and message["status"] >= 400:
             self._start = message
             return
@@ -200,5 +234,6 @@ class _ErrorReshaper:
                               "headers": keep + [(b"content-type", b"application/json"),
                                                  (b"content-length", str(len(payload)).encode())]})
             await self._send({"type": "http.response.body", "body": payload})
+            self._sent_start = self._finished = True
             return
         await self._send(message)

@@ -28,13 +28,15 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse
 
+from ray.exceptions import RayActorError
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from vllm.exceptions import VLLMValidationError
 
 from .config import FetchSection, PipelineConfig, read_api_keys
 from .fetch import Fetcher
 from .images import ImageTarget
-from .serve_errors import validation_error
+from .serve_errors import lost_replica_error, validation_error
 from .serve_guard import ApiError, ApiKeyCheck, RequestPolicy
 from .serve_http import GuardMiddleware
 from .serve_limits import SharedLimiter, TokenBuckets
@@ -75,6 +77,10 @@ class GuardedIngress(OpenAiIngress):
         app = self.app
         app.add_exception_handler(RequestValidationError, _validation_error_response)
         app.add_exception_handler(VLLMValidationError, _vllm_validation_error_response)
+        # An engine replica lost under a request (its node preempted): a retryable 503, where Ray's own
+        # handler would answer a 500 (serve_errors.LOST_REPLICA_ERRORS says why).
+        for lost in (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError):
+            app.add_exception_handler(lost, _lost_replica_response)
         app.add_api_route("/health", _health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_middleware(GuardMiddleware, keys=self._keys, policy=self._policy, fetch_image=self._fetcher.fetch,
@@ -106,4 +112,11 @@ async def _vllm_validation_error_response(request: Request, exc: VLLMValidationE
     """vLLM's request models raise this from their cross-field checks (e.g. tool_choice without tools)
     while FastAPI parses the body; it names the parameter, which Ray's generic handler drops."""
     error = ApiError(400, str(exc), param=exc.parameter, code="invalid_value")
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _lost_replica_response(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("%s %s: engine replica lost (%s: %s)", request.method, request.url.path, type(exc).__name__,
+                   str(exc)[:300])
+    error = lost_replica_error()
     return JSONResponse(error.body(), status_code=error.status)

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.testclient import TestClient
 
 import pipeline.serve_guard
+from ray.exceptions import ActorDiedError
 from pipeline.config import PipelineConfig, RateLimit
 from pipeline.serve_errors import reshape_error_body, split_loc, validation_error
 from pipeline.serve_guard import ApiKeyCheck, RequestPolicy
@@ -59,6 +60,14 @@ def fake_openai_app() -> FastAPI:
         async def chunks():
             for i in range(3):
                 yield f"data: {i}\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.get("/v1/stream-lost")
+    async def stream_lost():
+        # What Ray's ingress does when the engine replica's node dies mid-stream: the error escapes.
+        async def chunks():
+            yield "data: 0\n\n"
+            raise ActorDiedError()
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     return app
@@ -260,6 +269,35 @@ def test_errors_from_inside_are_reshaped(client):
 def test_streams_pass_through(client):
     response = client.get("/v1/stream", headers=KEY)
     assert response.status_code == 200 and response.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+def test_a_replica_lost_mid_stream_ends_the_stream_with_an_error_event(client):
+    response = client.get("/v1/stream-lost", headers=KEY)
+    assert response.status_code == 200
+    first, last = response.text.split("\n\n")[:2]
+    assert first == "data: 0"
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "replica_lost"
+
+
+@pytest.mark.parametrize("error, status", [(ActorDiedError(), 503), (KeyError("a bug"), None)])
+def test_a_replica_lost_before_the_response_is_a_retryable_503(error, status):
+    """An app that fails before it answers (no FastAPI under the guard here: Ray's ingress turns its route
+    errors into responses itself, serve_ingress registers the 503 for a lost replica there)."""
+    async def failing_app(scope, receive, send):
+        raise error
+
+    config = PipelineConfig.load(environ={})
+    app = GuardMiddleware(failing_app, keys=ApiKeyCheck(["test-key"]), policy=RequestPolicy.from_config(config),
+                          fetch_image=lambda url: pytest.fail("no fetch expected"))
+    client = TestClient(app)  # no lifespan: the app has none
+    if status is None:  # any other error is left to the app server (its 500)
+        with pytest.raises(type(error)):
+            client.get("/v1/models", headers=KEY)
+        return
+    response = client.get("/v1/models", headers=KEY)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == "replica_lost"
+    assert response.json()["error"]["type"] == "service_unavailable_error"
 
 
 @pytest.mark.parametrize("status, raw, content_type, path, expected", [
