@@ -408,6 +408,12 @@ class ServeSection(_Section):
         "the loopback default keeps a local run private.",
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description="Where Serve runs HTTP proxies: on every node with a replica (behind a load balancer), or "
+        "on the head only. A lost node takes its proxy's open connections with it, so with spot engine "
+        "nodes send traffic only to proxies on on-demand nodes, or use HeadOnly (docs/preemption.md).",
+    )
     app_name: str = Field(default="gemma", description="Ray Serve application name (`serve status`).")
     warmup: bool = Field(
         default=True,

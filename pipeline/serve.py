@@ -153,7 +153,8 @@ def run_serve(config: PipelineConfig, *, blocking: bool = True,
         on_ray_ready()
     from ray import serve
 
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port},
+                proxy_location=config.serve.proxy_location)
     serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)
     logger.info("serving %s at http://%s:%d/v1", config.model.served_name, config.serve.host, config.serve.port)
     while blocking:
