@@ -8,51 +8,39 @@ With tools (config tools.builtins, or an input `tools` column) the processor's c
 stages get the tool UDFs of pipeline.tool_stages: tools rendered per record, calls read and checked,
 built-in tools run between rounds, all in the same engine replicas.
 
-`build_caption_dataset` returns the lazy dataset; `run_caption` executes it, writes the output and the
-manifest, and returns the manifest.
+`build_caption_dataset` returns the lazy dataset; `run_caption` runs it through the batch skeleton
+(pipeline.batch_skeleton: lease, resume, crash isolation, status line, manifest, report) with
+`CaptionFormat`, this format's adapter, and returns the manifest.
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from . import records as R
-from .checkpoint import (CheckpointError, CheckpointInfo, check_checkpoint, check_loadable, inspect_checkpoint,
-                         read_checkpoint_file)
+from .batch_skeleton import (DRIVER_ID_SCAN_MAX_FILES, InputError, InputUri, ModelPlan, count_ids, count_ids_on_ray,
+                             plan_model, run_batch)
 from .config import ConfigError, PipelineConfig
-from .engine import GEMMA3_ARCHITECTURE, engine_kwargs, fixed_or_range, placement_group, runtime_env
+from .engine import engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
-from .images import ImageTarget, image_target
-from .faults import EngineGuardSettings, start_row_ledger, stop_row_ledger
+from .faults import EngineGuardSettings
 from .manifest import build_manifest
+from .output_lease import OutputInUseError
 from .prepare import PrepareRecords
-from .progress import RunProgress
 from .report import write_run_report
-from .output_lease import OutputInUseError, OutputLease, interrupt_driver
-from .resume import (MANIFEST_NAME, OutputExistsError, begin_attempt, check_exactly_once, check_output_apart,
-                     enable_checkpointing, end_attempt, fail_attempt, finish_manifest, finish_output, prepare_output)
-from .runtime import init_ray
-from .storage import join, make_filesystem, read_text, write_json
+from .resume import (MANIFEST_NAME, OutputExistsError, OutputState, check_exactly_once, count_committed_rows,
+                     enable_checkpointing)
+from .storage import make_filesystem, read_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_NAME", "InputError", "OutputExistsError", "OutputInUseError", "build_caption_dataset",
-           "run_caption"]
-
-
-# One parquet file or prefix, or an explicit list of parquet files (all local or all s3://).
-InputUri = Union[str, list[str]]
-
-
-class InputError(ValueError):
-    """The input as a whole cannot be processed (missing contract columns, no files)."""
+__all__ = ["MANIFEST_NAME", "CaptionFormat", "InputError", "ModelPlan", "OutputExistsError", "OutputInUseError",
+           "build_caption_dataset", "plan_model", "run_caption"]
 
 
 @dataclass
@@ -68,36 +56,10 @@ class InputPlan:
     missing_ids: int
 
 
-@dataclass
-class ModelPlan:
-    checkpoint: CheckpointInfo
-    image_target: ImageTarget
-    stop_token_ids: list[int]
-
-
-def plan_model(config: PipelineConfig) -> ModelPlan:
-    """Inspect the checkpoint on the driver: scheme check, image size, stop tokens. No GPU is taken."""
-    source = config.model.source
-    info = inspect_checkpoint(source, config.storage)
-    check_checkpoint(info, config.model.quantization)
-    if config.engine.normalize_images_on_device and info.architecture != GEMMA3_ARCHITECTURE:
-        raise CheckpointError(f"{source} is a {info.architecture}, but engine.normalize_images_on_device "
-                              f"only applies to {GEMMA3_ARCHITECTURE}; set it to false")
-    check_loadable(info, config.storage, maps_transformers_siglip=config.engine.normalize_images_on_device)
-    preprocessor = read_checkpoint_file(source, "preprocessor_config.json", config.storage)
-    target = image_target(json.loads(preprocessor) if preprocessor else None, config.images.target_size_px)
-    generation = read_checkpoint_file(source, "generation_config.json", config.storage)
-    eos = json.loads(generation).get("eos_token_id") if generation else None
-    stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    logger.info("model %s: scheme %s, images %dpx, stop tokens %s", source, info.scheme, target.size_px, stop_ids)
-    return ModelPlan(info, target, stop_ids)
-
-
-# Inputs up to this size have their ids counted in the driver, from the id column alone: a few MB and
-# well under a second, where Ray Data's distributed groupby spends 10-20 s on scheduling even for a
-# handful of rows. Larger inputs, or many files (each needs its footer read), go to Ray's CPU workers.
+# Inputs up to this many rows (and pipeline.batch_skeleton's file count) have their ids counted in the
+# driver, from the id column alone: a few MB. Larger inputs, or many files (each needs its footer read),
+# go to Ray's CPU workers.
 DRIVER_ID_SCAN_MAX_ROWS = 1_000_000
-DRIVER_ID_SCAN_MAX_FILES = 64
 
 
 def plan_input(config: PipelineConfig, input_uri: InputUri,
@@ -136,25 +98,6 @@ def _count_ids_on_ray(fs: pafs.FileSystem, path, schema: pa.Schema, n_files: int
     if not pa.types.is_string(schema.field(R.ID).type):
         ids = ids.map_batches(_ids_as_strings, batch_format="pyarrow")
     return count_ids_on_ray(ids, R.ID, n_files)
-
-
-def count_ids(ids: pa.ChunkedArray) -> tuple[int, frozenset[str], int]:
-    """(values, values seen more than once, nulls) of a string column held here."""
-    import pyarrow.compute as pc
-
-    counts = pc.value_counts(pc.drop_null(ids))
-    duplicates = frozenset(v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1)
-    return len(ids), duplicates, ids.null_count
-
-
-def count_ids_on_ray(ids, column: str, n_files: int) -> tuple[int, frozenset[str], int]:
-    """The same as `count_ids`, for a Ray dataset's string column, by a distributed groupby."""
-    # Ray's default of 200 shuffle partitions is meant for big data; one per input file is plenty here
-    # and keeps small inputs from spawning hundreds of tasks.
-    counts = ids.groupby(column, num_partitions=max(1, min(200, n_files))).count().take_all()
-    duplicates = frozenset(r[column] for r in counts if r[column] is not None and r["count()"] > 1)
-    missing = sum(r["count()"] for r in counts if r[column] is None)
-    return sum(r["count()"] for r in counts), duplicates, missing
 
 
 def _input_location(config: PipelineConfig, input_uri: InputUri) -> tuple[pafs.FileSystem, str | list[str]]:
@@ -307,69 +250,43 @@ def _pool_size(value: int | tuple[int, int]) -> dict[str, int]:
 
 def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Caption every record of `input_uri` (a file, a prefix or a list of files) into `output_uri`; returns
-    the manifest it wrote.
-
-    Rerunning after a crash resumes: only rows without output are processed, each input row ends with
-    exactly one output row; a complete output is left as it is (its manifest is returned) unless
-    `overwrite` (pipeline.resume). The job holds the output prefix's writer lease from before it looks at
-    the prefix until after the manifest; another live job's lease refuses this one (OutputInUseError)
-    before anything is changed (pipeline.output_lease).
-    """
-    started = time.time()
-    config = config.with_absolute_paths()
-    check_output_apart(input_uri, output_uri)
-    lease = OutputLease.for_output(config.storage, output_uri, ttl_s=config.batch.output_lease_ttl_s,
-                                   on_lost=interrupt_driver())
-    with lease:  # first: a job refused here has read nothing else and changed nothing
-        try:
-            return _run_holding_lease(config, input_uri, output_uri, overwrite, lease, started)
-        except KeyboardInterrupt:
-            if lease.lost:  # the heartbeat interrupted this run: another job took the prefix over
-                lease.check_held()
-            raise
+    the manifest it wrote. The run, its resume and its report are pipeline.batch_skeleton's."""
+    return run_batch(config, CaptionFormat(input_uri), output_uri, overwrite=overwrite)
 
 
-def _run_holding_lease(config: PipelineConfig, input_uri: InputUri, output_uri: str, overwrite: bool,
-                       lease: OutputLease, started: float) -> dict[str, Any]:
-    model = plan_model(config)
-    check_tools(config)
-    output = prepare_output(config, input_uri, output_uri, overwrite=overwrite)
-    if output.complete:
-        return output.manifest
-    init_ray(config)
-    plan = plan_input(config, input_uri)
-    # ---- one attempt: recorded in _attempts.json (pipeline.resume), engine crashes counted (pipeline.faults)
-    attempt = begin_attempt(config, output, input_uri)
-    ledger, ledger_name = start_row_ledger("caption")
-    try:
-        guard = EngineGuardSettings(ledger_name=ledger_name, max_engine_attempts=config.batch.max_engine_attempts)
-        dataset, schema = build_caption_dataset(config, plan, model, guard)
-        # Status line + counters (pipeline/progress.py), over the rows this attempt still has to do.
-        with RunProgress(config, plan.num_rows - output.rows_done) as progress:
-            dataset = progress.observe(dataset)
-            enable_checkpointing(dataset, output)  # on the dataset that is written
-            dataset.write_parquet(output.path, filesystem=output.filesystem,
-                                  max_rows_per_file=config.batch.rows_per_file)
-    except BaseException as exc:
-        engine = stop_row_ledger(ledger)
-        if not lease.lost:  # a job that lost the prefix leaves its new owner's _attempts.json alone
-            fail_attempt(config, output, input_uri, attempt, exc, **engine)
-        raise
-    engine = stop_row_ledger(ledger)
-    lease.check_held()
-    finished = time.time()
-    written = pads.dataset(output.path, filesystem=output.filesystem, format="parquet")
-    manifest = build_manifest(
-        config=config, input_uri=input_uri, output_uri=output_uri, rows_in=plan.num_rows,
-        output=written, checkpoint=model.checkpoint.as_dict(), started=started, finished=finished)
-    exactly_once = check_exactly_once(written, plan.num_rows)
-    end_attempt(config, output, input_uri, attempt, "complete" if exactly_once["exactly_once"] else "incomplete",
-                rows_written=exactly_once["rows_out"] - output.rows_done, **engine)
-    manifest = finish_manifest(manifest, output, exactly_once)
-    write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
-    finish_output(config, output, manifest)
-    write_run_report(config, output_uri, manifest)  # _report/report.html + charts; logs, never raises
-    # ----
-    logger.info("wrote %d rows (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
-                manifest["counts"]["errors"], output_uri, finished - started)
-    return manifest
+@dataclass
+class CaptionFormat:
+    """The parquet adapter of pipeline.batch_skeleton: records in, one output row per record out, resumed
+    through Ray Data's checkpoint keyed on R.ROW_HASH (pipeline.resume)."""
+
+    inputs: InputUri
+    name: str = "caption"
+    error_columns: tuple[str, str] = (R.ERROR_KIND, R.ERROR_STAGE)
+
+    def check(self, config: PipelineConfig) -> None:
+        check_tools(config)
+
+    def committed_rows(self, output: OutputState) -> int:
+        return count_committed_rows(output)
+
+    def plan(self, config: PipelineConfig) -> InputPlan:
+        return plan_input(config, self.inputs)
+
+    def build(self, config: PipelineConfig, plan: InputPlan, model: ModelPlan, guard: EngineGuardSettings,
+              output: OutputState):
+        return build_caption_dataset(config, plan, model, guard)[0]
+
+    def write(self, config: PipelineConfig, dataset, output: OutputState, attempt: dict[str, Any]) -> None:
+        enable_checkpointing(dataset, output)  # on the dataset that is written
+        dataset.write_parquet(output.path, filesystem=output.filesystem, max_rows_per_file=config.batch.rows_per_file)
+
+    def manifest(self, config: PipelineConfig, plan: InputPlan, model: ModelPlan, output: OutputState,
+                 started: float, finished: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        written = pads.dataset(output.path, filesystem=output.filesystem, format="parquet")
+        manifest = build_manifest(config=config, input_uri=self.inputs, output_uri=output.uri, rows_in=plan.num_rows,
+                                  output=written, checkpoint=model.checkpoint.as_dict(), started=started,
+                                  finished=finished)
+        return manifest, check_exactly_once(written, plan.num_rows)
+
+    def report(self, config: PipelineConfig, output_uri: str, manifest: dict[str, Any]) -> Optional[str]:
+        return write_run_report(config, output_uri, manifest)

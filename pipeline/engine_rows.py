@@ -131,9 +131,14 @@ class OutputBuilder:
         on a stop token, or before max_tokens (a stop string), stopped; one that reached max_tokens
         without a stop token was cut at the length limit.
         """
-        if tokens and tokens[-1] in self.stop_token_ids:
-            return "stop"
-        return "length" if len(tokens) >= self.max_tokens else "stop"
+        return finish_reason(tokens, self.max_tokens, self.stop_token_ids)
+
+
+def finish_reason(tokens: list[int], max_tokens: int, stop_token_ids: frozenset[int]) -> str:
+    """OpenAI's finish_reason from the generated tokens, for both batch formats (see OutputBuilder's)."""
+    if tokens and tokens[-1] in stop_token_ids:
+        return "stop"
+    return "length" if len(tokens) >= max_tokens else "stop"
 
 
 class FinalizeRows:

@@ -102,13 +102,6 @@ def invalid_tool_call(rounds: int, problem: str) -> LineError:
                      stage=Stage.TOOLS)
 
 
-def finish_reason(tokens: list[int], max_tokens: int, stop_token_ids: frozenset[int]) -> str:
-    """OpenAI's finish_reason from the generated tokens (Ray's engine stage drops vLLM's own)."""
-    if tokens and tokens[-1] in stop_token_ids:
-        return "stop"
-    return "length" if len(tokens) >= max_tokens else "stop"
-
-
 def tool_finish_reason(tool_choice: Any, has_calls: bool, plain: str) -> str:
     """As the OpenAI API (and vLLM's server) answer: 'tool_calls' when the model called tools under 'auto' or
     'required', 'stop' for a call forced by name."""

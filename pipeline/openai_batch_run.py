@@ -2,25 +2,32 @@
 
 `plan_requests` lists the input files and finds duplicate custom_ids with one pass over the lines;
 `build_openai_batch_dataset` returns the lazy dataset of output lines (pipeline.openai_batch_stages);
-`run_openai_batch` writes them (pipeline.openai_batch_sink) and the manifest, and returns the manifest.
-The model checks, the processor configuration and the engine are the parquet job's (pipeline.batch).
+`run_openai_batch` runs it through the batch skeleton (pipeline.batch_skeleton: lease, resume, crash
+isolation, status line, metrics, manifest, report) with `OpenAIBatchFormat`, this format's adapter.
+The processor configuration and the engine are the parquet job's (pipeline.batch).
+
+Resume: the lines already in the output (pipeline.openai_batch_written) are dropped right after the read
+(`mark_lines`), by their ids, which the request's file and line decide; a rerun writes its files under its
+own attempt number, so the killed run's files stay as they are and every request line ends up in exactly
+one output or error line.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import socket
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .batch import (MANIFEST_NAME, InputError, ModelPlan, OutputExistsError, count_ids, count_ids_on_ray, plan_model,
-                    processor_config)
+from .batch import processor_config
+from .batch_skeleton import (DRIVER_ID_SCAN_MAX_FILES, InputError, ModelPlan, count_ids, count_ids_on_ray,
+                             run_batch)
 from .config import PipelineConfig
 from .engine import fixed_or_range
-from .manifest import package_versions
+from .faults import EngineGuardSettings
+from .manifest import assemble_manifest
 from .openai_batch_stages import (
     CUSTOM_ID,
     URI,
@@ -29,12 +36,12 @@ from .openai_batch_stages import (
     PrepareRequests,
     RequestBuilder,
     custom_ids,
+    mark_lines,
     read_request_lines,
 )
-from .output_lease import OutputLease, interrupt_driver
-from .resume import check_output_apart, delete_entries, output_entries
-from .runtime import init_ray
-from .storage import join, make_filesystem, read_json, write_json
+from .openai_batch_written import ERRORS_PREFIX, OUTPUT_PREFIX, delete_partial_files, read_written
+from .resume import OutputState
+from .storage import join, make_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,16 @@ REQUEST_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.zst")
 
 @dataclass
 class RequestFilesPlan:
+    """What the driver learns about the request files before any line runs."""
+
     inputs: list[str]
     files: list[str]
     num_lines: int
     duplicate_ids: frozenset[str]
+
+    @property
+    def num_rows(self) -> int:  # the skeleton's name for the total (pipeline.batch_skeleton)
+        return self.num_lines
 
 
 def is_request_file(name: str) -> bool:
@@ -85,14 +98,13 @@ def read_lines_dataset(config: PipelineConfig, files: Sequence[str]):
 # driver, where Ray Data's groupby would spend 10-20 s on scheduling; anything larger, or compressed
 # (whose size on storage says little of its lines), is read by one Ray task per file.
 DRIVER_SCAN_MAX_BYTES = 64 * 1024**2
-DRIVER_SCAN_MAX_FILES = 64
 
 
 def plan_requests(config: PipelineConfig, inputs: Sequence[str],
                   driver_scan_max_bytes: int = DRIVER_SCAN_MAX_BYTES) -> RequestFilesPlan:
     """List the files, count the lines and find duplicate custom_ids before any engine starts."""
     files = list_request_files(config, inputs)
-    here = (len(files) <= DRIVER_SCAN_MAX_FILES and all(f.lower().endswith(".jsonl") for f in files)
+    here = (len(files) <= DRIVER_ID_SCAN_MAX_FILES and all(f.lower().endswith(".jsonl") for f in files)
             and _total_bytes(config, files) <= driver_scan_max_bytes)
     num_lines, duplicates = _count_ids_here(config, files) if here else _count_ids_on_ray(config, files)
     logger.info("input %s: %d request lines in %d files, %d duplicated custom_ids (counted %s)",
@@ -110,8 +122,6 @@ def _total_bytes(config: PipelineConfig, files: Sequence[str]) -> int:
 
 
 def _count_ids_here(config: PipelineConfig, files: Sequence[str]) -> tuple[int, frozenset[str]]:
-    import pyarrow as pa
-
     limit = config.openai_batch.max_request_bytes
     chunks = [custom_ids(block, limit).column(CUSTOM_ID)
               for uri in files
@@ -127,8 +137,11 @@ def _count_ids_on_ray(config: PipelineConfig, files: Sequence[str]) -> tuple[int
     return num_lines, duplicates
 
 
-def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan):
-    """The lazy dataset of output lines (nothing runs until it is written)."""
+def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan,
+                               guard: Optional[EngineGuardSettings] = None,
+                               written_ids: frozenset[str] = frozenset()):
+    """The lazy dataset of output lines (nothing runs until it is written), less the lines whose ids are in
+    `written_ids` (a resumed output's); with `guard` the engine stage isolates lines that crash it."""
     import ray
     from ray.data.llm import build_processor
 
@@ -136,6 +149,11 @@ def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, m
 
     low, high = fixed_or_range(config.batch.prepare_replicas)
     dataset = read_lines_dataset(config, plan.files).map_batches(
+        mark_lines, batch_format="pyarrow", fn_kwargs={"written_ids": written_ids})
+    # As for parquet records: blocks of at most batch.rows_per_block lines are the unit of commit, so a
+    # killed run loses little and its rerun skips the rest (a file's lines are otherwise one block).
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch.rows_per_block)
+    dataset = dataset.map_batches(
         PrepareRequests,
         fn_constructor_kwargs={"config": config, "target": model.image_target, "duplicate_ids": plan.duplicate_ids},
         batch_size=config.batch.prepare_batch_size,
@@ -144,11 +162,16 @@ def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, m
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
     )
     lines = LineBuilder(config.model.served_name, frozenset(model.stop_token_ids))
+    override = stage_overrides(config)
+    if guard is not None:
+        from .guarded_stages import engine_stage_overrides
+
+        override = engine_stage_overrides(guard, then=override)
     processor = build_processor(
         processor_config(config),
         preprocess=RequestBuilder(model.image_target.size_px),
         postprocess=lines,
-        builder_kwargs={"override_stage_config_fn": stage_overrides(config)},
+        builder_kwargs={"override_stage_config_fn": override},
     )
     return processor(dataset).map_batches(FinalizeLines(lines), batch_format="pyarrow")
 
@@ -156,83 +179,74 @@ def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, m
 def run_openai_batch(config: PipelineConfig, inputs: Sequence[str], output_uri: str, *,
                      overwrite: bool = False) -> dict[str, Any]:
     """Run every request line of `inputs` into output and error files under `output_uri`; returns the
-    manifest it wrote."""
-    from .openai_batch_sink import OpenAIBatchSink
-
-    started = time.time()
-    config = config.with_absolute_paths()
-    check_output_apart(list(inputs), output_uri)
-    # One writer per output prefix, as for parquet jobs (pipeline.output_lease).
-    lease = OutputLease.for_output(config.storage, output_uri, ttl_s=config.batch.output_lease_ttl_s,
-                                   on_lost=interrupt_driver())
-    with lease:
-        try:
-            model = plan_model(config)
-            _refuse_or_clear_output(config, output_uri, overwrite)
-            init_ray(config)
-            plan = plan_requests(config, inputs)
-            dataset = build_openai_batch_dataset(config, plan, model)
-            sink = OpenAIBatchSink(config.storage, output_uri, config.batch.rows_per_file)
-            dataset.write_datasink(sink)
-        except KeyboardInterrupt:
-            if lease.lost:
-                lease.check_held()
-            raise
-        lease.check_held()
-        finished = time.time()
-        manifest = build_manifest(config, plan, output_uri, sink.result or {}, model, started, finished)
-        write_json(config.storage, join(output_uri, MANIFEST_NAME), manifest)
-    logger.info("wrote %d lines (%d errors) to %s in %.1fs", manifest["counts"]["rows_out"],
-                manifest["counts"]["errors"], output_uri, finished - started)
-    return manifest
+    manifest it wrote. A rerun after a crash resumes (see the module docstring); a complete output is left
+    as it is unless `overwrite`."""
+    return run_batch(config, OpenAIBatchFormat(list(inputs)), output_uri, overwrite=overwrite)
 
 
-def _refuse_or_clear_output(config: PipelineConfig, output_uri: str, overwrite: bool) -> None:
-    """As the parquet job does: an output prefix that holds files needs --overwrite, which empties it."""
-    filesystem, path = make_filesystem(config.storage, output_uri)
-    entries = output_entries(filesystem, path)
-    if not entries:
-        return
-    if not overwrite:
-        state = "a finished run" if read_json(config.storage, join(output_uri, MANIFEST_NAME)) else \
-            "files from an earlier run"
-        raise OutputExistsError(f"{output_uri} already holds {state}; pass --overwrite to replace it")
-    logger.warning("overwriting %s (%d entries)", output_uri, len(entries))
-    delete_entries(filesystem, entries)
+@dataclass
+class OpenAIBatchFormat:
+    """The OpenAI Batch adapter of pipeline.batch_skeleton."""
 
+    inputs: list[str]
+    name: str = "openai-batch"
+    error_columns: tuple[str, str] = ("code", "stage")  # pipeline.openai_batch_stages.OUTPUT_SCHEMA
+    written_ids: frozenset[str] = frozenset()
+    written: Optional[pa.Table] = field(default=None, repr=False)
 
-def build_manifest(config: PipelineConfig, plan: RequestFilesPlan, output_uri: str, written: dict[str, Any],
-                   model: ModelPlan, started: float, finished: float) -> dict[str, Any]:
-    """The parquet job's manifest fields, counted by the write tasks as they wrote each line."""
-    ok, errors = written.get("ok", 0), written.get("errors", 0)
-    prompt, completion = written.get("prompt_tokens", 0), written.get("completion_tokens", 0)
-    wall_s = max(finished - started, 1e-9)
-    files = written.get("files", [])
-    return {
-        "status": "complete" if ok + errors == plan.num_lines else "incomplete",
-        "format": "openai-batch",
-        "input": plan.inputs if len(plan.inputs) > 1 else plan.inputs[0],
-        "input_files": plan.files,
-        "output": output_uri,
-        "files": files,
-        "output_files": [f for f in files if f.rsplit("/", 1)[-1].startswith("output-")],
-        "error_files": [f for f in files if f.rsplit("/", 1)[-1].startswith("errors-")],
-        "started": _iso(started),
-        "finished": _iso(finished),
-        "wall_s": round(wall_s, 3),
-        "counts": {"rows_in": plan.num_lines, "rows_out": ok + errors, "ok": ok, "errors": errors,
-                   "errors_by_kind": written.get("errors_by_kind", {}),
-                   "errors_by_stage": written.get("errors_by_stage", {})},
-        "tokens": {"prompt": prompt, "completion": completion},
-        "throughput": {"rows_per_s": round((ok + errors) / wall_s, 3),
-                       "completion_tokens_per_s": round(completion / wall_s, 3),
-                       "total_tokens_per_s": round((prompt + completion) / wall_s, 3)},
-        "model": model.checkpoint.as_dict(),
-        "config": config.model_dump(mode="json"),
-        "versions": package_versions(),
-        "host": socket.gethostname(),
-    }
+    def check(self, config: PipelineConfig) -> None:
+        """Nothing to check before the output: requests bring their own tools, and no tables are read."""
 
+    def committed_rows(self, output: OutputState) -> int:
+        removed = delete_partial_files(output.filesystem, output.path)
+        if removed:
+            logger.info("deleted %d partial files a killed writer left under %s", removed, output.uri)
+        self.written_ids = frozenset(read_written(output.filesystem, output.path)["id"].to_pylist())
+        return len(self.written_ids)
 
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="seconds")
+    def plan(self, config: PipelineConfig) -> RequestFilesPlan:
+        return plan_requests(config, self.inputs)
+
+    def build(self, config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan, guard: EngineGuardSettings,
+              output: OutputState):
+        return build_openai_batch_dataset(config, plan, model, guard, self.written_ids)
+
+    def write(self, config: PipelineConfig, dataset, output: OutputState, attempt: dict[str, Any]) -> None:
+        from .openai_batch_sink import OpenAIBatchSink
+
+        dataset.write_datasink(OpenAIBatchSink(config.storage, output.uri, config.batch.rows_per_file,
+                                               attempt=attempt["attempt"]))
+
+    def manifest(self, config: PipelineConfig, plan: RequestFilesPlan, model: ModelPlan, output: OutputState,
+                 started: float, finished: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Counted from every line under the prefix (all attempts' files), as a reader will find them."""
+        import pyarrow.compute as pc
+
+        self.written = written = read_written(output.filesystem, output.path)
+        failed = written.filter(written["failed"])
+        names = sorted(set(written["file"].to_pylist()))
+        files = [join(output.uri, name) for name in names]
+        ids = written["id"]
+        manifest = assemble_manifest(
+            config=config, input_uri=plan.inputs if len(plan.inputs) > 1 else plan.inputs[0], output_uri=output.uri,
+            files=files, rows_in=plan.num_lines, rows_out=written.num_rows, errors=failed.num_rows,
+            errors_by_kind=collections.Counter(c for c in failed["code"].to_pylist() if c is not None),
+            # An error line does not say at which stage it failed (the API's format has no place for it);
+            # the status line and the metrics count stages while the run goes.
+            errors_by_stage={},
+            prompt_tokens=pc.sum(written["prompt_tokens"]).as_py() or 0,
+            completion_tokens=pc.sum(written["completion_tokens"]).as_py() or 0,
+            checkpoint=model.checkpoint.as_dict(), started=started, finished=finished,
+            format="openai-batch", input_files=plan.files,
+            output_files=[f for f in files if f.rsplit("/", 1)[-1].startswith(OUTPUT_PREFIX + "-")],
+            error_files=[f for f in files if f.rsplit("/", 1)[-1].startswith(ERRORS_PREFIX + "-")])
+        distinct = len(pc.unique(ids)) if len(ids) else 0
+        exactly_once = {"row_key": "id", "rows_out": written.num_rows, "distinct_row_keys": distinct,
+                        "exactly_once": written.num_rows == distinct == plan.num_lines and ids.null_count == 0}
+        return manifest, exactly_once
+
+    def report(self, config: PipelineConfig, output_uri: str, manifest: dict[str, Any]) -> Optional[str]:
+        from .openai_batch_report import write_openai_batch_report
+
+        return write_openai_batch_report(config, output_uri, manifest, self.written)
+

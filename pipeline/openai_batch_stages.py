@@ -1,6 +1,7 @@
 """The Ray Data stages of an OpenAI Batch job, around the same `ray.data.llm` processor as parquet records.
 
     request files -> read_request_lines (one task per file: numbered lines)
+                  -> mark_lines (a resumed run drops the lines already written; row keys)
                   -> PrepareRequests (CPU pool: parse and check each line, fetch, decode and resize images)
                   -> processor: RequestBuilder -> Ray's multimodal stage -> OpenAIChatTemplateUDF
                      -> tokenize -> engine (pipeline.tools' ToolChainEngineUDF) -> LineBuilder
@@ -29,7 +30,7 @@ from PIL import Image
 
 from . import records as R
 from .config import PipelineConfig, StorageSection
-from .engine_rows import INFERENCE_ERROR
+from .engine_rows import INFERENCE_ERROR, finish_reason
 from .fetch import Fetcher
 from .images import ImageTarget, prepare_image
 from .openai_batch import LineError, RequestLimits, custom_id_of, parse_request_line, read_envelope
@@ -38,11 +39,11 @@ from .openai_batch_output import (
     completion_body,
     engine_error,
     error_line,
-    finish_reason,
     invalid_tool_call,
     success_line,
     tool_finish_reason,
 )
+from .openai_batch_written import line_row_hash
 from .storage import make_filesystem
 from .tools.request import ToolRequest
 
@@ -134,6 +135,17 @@ def custom_ids(batch: pa.Table, max_line_bytes: int) -> pa.Table:
         except LineError:
             values.append(None)
     return pa.table({CUSTOM_ID: pa.array(values, type=pa.string())})
+
+
+def mark_lines(batch: pa.Table, written_ids: frozenset[str]) -> pa.Table:
+    """map_batches after the read: drop the lines a resumed output already holds (their `id`, derived from
+    file and line, is in `written_ids`), and give the others their row key (R.ROW_HASH), by which the
+    engine's crash isolation (pipeline.faults) counts a line's attempts."""
+    ids = [LineIds.of(source, line).batch_request
+           for source, line in zip(batch[SOURCE].to_pylist(), batch[LINE].to_pylist())]
+    keep = [i not in written_ids for i in ids]
+    hashes = pa.array([line_row_hash(i) for i, k in zip(ids, keep) if k], type=pa.uint64())
+    return batch.filter(pa.array(keep, type=pa.bool_())).append_column(R.ROW_HASH, hashes)
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -240,6 +252,9 @@ class LineBuilder:
     def completion(self, ids: LineIds, data: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
         if data.get(LINE_ERROR):
             raise LineError.from_json(data[LINE_ERROR])
+        if data.get(R.ROW_ERROR_KIND) == R.ErrorKind.POISON_RECORD.value:  # crash isolation (pipeline.faults)
+            raise LineError(R.ErrorKind.POISON_RECORD.value, str(data.get(R.ROW_ERROR) or "")[:2000], status=500,
+                            type="server_error", stage=R.Stage.ENGINE)
         if data.get(INFERENCE_ERROR):
             raise engine_error(str(data[INFERENCE_ERROR]))
         if data.get("num_input_tokens") is None:
@@ -269,6 +284,7 @@ class FinalizeLines:
     """Last map before the write: rows Ray passed through become lines; one explicit schema."""
 
     KEEP = frozenset({SOURCE, LINE, CUSTOM_ID, LINE_ERROR, INFERENCE_ERROR, R.TOOL_OUTCOME, R.TOOL_REQUEST,
+                      R.ROW_ERROR, R.ROW_ERROR_KIND,
                       MAX_TOKENS, "generated_tokens", "generated_text", "num_input_tokens", "num_generated_tokens",
                       *OUTPUT_SCHEMA.names})
 

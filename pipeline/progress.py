@@ -9,8 +9,9 @@ How the driver learns it, cheaply and on any cluster size:
   (`num_cpus=0`), and records the same numbers as Ray metrics (pipeline/metrics.py). One actor call per
   batch; the batch itself passes through untouched.
 - A daemon thread on the driver asks the actor for its totals every `report.status_interval_s` and
-  logs one line. The write call (`dataset.write_parquet`) blocks the main thread meanwhile.
-- The total comes from the input plan (`plan_input` counts the rows), which is what makes an ETA.
+  logs one line. The write call (`write_parquet`, `write_datasink`) blocks the main thread meanwhile.
+- The total comes from the input plan (the rows, or request lines, that the run still has to do), which
+  is what makes an ETA. Both batch formats go through it (pipeline.batch_skeleton).
 
 The counts are live estimates: a batch whose task Ray retries after tallying is counted twice. The
 manifest, read back from the written output, stays the authoritative record.
@@ -41,12 +42,17 @@ def empty_tally() -> dict[str, Any]:
             "completion_tokens": 0}
 
 
-def tally_batch(batch: pa.Table) -> tuple[dict[str, Any], list[float]]:
+# The (error kind, error stage) columns of a parquet job's output rows; another format names its own
+# (pipeline.batch_skeleton's `BatchFormat.error_columns`). Tokens are `prompt_tokens`/`completion_tokens` in both.
+ERROR_COLUMNS = (R.ERROR_KIND, R.ERROR_STAGE)
+
+
+def tally_batch(batch: pa.Table, error_columns: tuple[str, str] = ERROR_COLUMNS) -> tuple[dict[str, Any], list[float]]:
     """Counts of one batch of output rows, and the engine latencies of its answered rows."""
     tally = empty_tally()
     tally["rows"] = batch.num_rows
-    kinds = batch[R.ERROR_KIND].to_pylist()
-    stages = batch[R.ERROR_STAGE].to_pylist()
+    kinds = batch[error_columns[0]].to_pylist()
+    stages = batch[error_columns[1]].to_pylist()
     for kind, stage in zip(kinds, stages):
         if kind is not None:
             key = (kind, stage or "unknown")
@@ -84,12 +90,13 @@ class RunCounter:
 class TallyRows:
     """Ray Data map over finalised output rows: count them (counter actor, Ray metrics), pass them on."""
 
-    def __init__(self, counter: Any, metrics: PipelineMetrics):
+    def __init__(self, counter: Any, metrics: PipelineMetrics, error_columns: tuple[str, str] = ERROR_COLUMNS):
         self.counter = counter
         self.metrics = metrics
+        self.error_columns = error_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tally, latencies = tally_batch(batch)
+        tally, latencies = tally_batch(batch, self.error_columns)
         self.counter.add.remote(tally)  # fire-and-forget: a lost update only makes the line lag
         self.metrics.record(tally, latencies)
         return batch
@@ -168,8 +175,10 @@ class RunProgress:
             progress.observe(dataset).write_parquet(...)
     """
 
-    def __init__(self, config: PipelineConfig, total_rows: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: PipelineConfig, total_rows: int, clock: Callable[[], float] = time.monotonic,
+                 error_columns: tuple[str, str] = ERROR_COLUMNS):
         self.interval_s = config.report.status_interval_s
+        self.error_columns = error_columns
         self.metrics = PipelineMetrics(config.model.served_name)
         self.clock = clock
         self.line = StatusLine(total_rows, clock())
@@ -192,7 +201,7 @@ class RunProgress:
 
     def observe(self, dataset):
         """The dataset with the tally stage appended (a task map that Ray fuses with the one before)."""
-        return dataset.map_batches(TallyRows(self.counter, self.metrics), batch_format="pyarrow",
+        return dataset.map_batches(TallyRows(self.counter, self.metrics, self.error_columns), batch_format="pyarrow",
                                    batch_size=None, zero_copy_batch=True)
 
     def __exit__(self, *exc_info) -> None:

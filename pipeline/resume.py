@@ -48,7 +48,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -239,9 +239,13 @@ def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
-def prepare_output(config: PipelineConfig, input_uri: str, output_uri: str, *, overwrite: bool) -> OutputState:
+def prepare_output(config: PipelineConfig, input_uri: str | list[str], output_uri: str, *, overwrite: bool,
+                   committed_rows: Optional[Callable[[OutputState], int]] = None) -> OutputState:
     """Decide fresh / resume / complete for `output_uri`, clear it for --overwrite, and abort the
     multipart uploads a killed writer left under it. Raises OutputExistsError when a rerun must not go on.
+
+    `committed_rows` counts what a resumed output already holds, the format's way (default: the rows of
+    Ray Data's committed checkpoint files, as parquet outputs have them).
 
     Call it holding the prefix's lease (pipeline.output_lease), which it leaves in place."""
     fs, path = make_filesystem(config.storage, output_uri)
@@ -273,7 +277,7 @@ def prepare_output(config: PipelineConfig, input_uri: str, output_uri: str, *, o
         _check_same_input(state, record, output_uri, "holds a partial output")
         _check_same_settings(state, {"output_config": "unrecorded", **record}, output_uri, "holds a partial output")
         state.mode = "resume"
-        state.rows_done = count_committed_rows(state)
+        state.rows_done = (committed_rows or count_committed_rows)(state)
     state.aborted_uploads = abort_multipart_uploads(config.storage, output_uri)
     logger.info("output %s: %s%s", output_uri, state.mode,
                 f" ({state.rows_done} rows already committed by {len(state.attempts)} earlier attempts)"

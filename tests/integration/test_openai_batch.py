@@ -146,6 +146,8 @@ def batch_output(tmp_path_factory, tiny_model, s3_server):
     written = {}
     for entry in client.list_objects_v2(Bucket="data", Prefix="openai/out/")["Contents"]:
         name = entry["Key"].rsplit("/", 1)[-1]
+        if name.endswith(".png"):  # the report's charts (_report/)
+            continue
         written[name] = client.get_object(Bucket="data", Key=entry["Key"])["Body"].read().decode()
     return written, files, good, expected
 
@@ -234,3 +236,69 @@ def test_manifest_counts_what_was_written(batch_output):
     assert counts["errors_by_kind"] == dict(by_code)
     assert sorted(f.rsplit("/", 1)[-1] for f in manifest["files"]) == sorted(n for n in written if n.endswith(".jsonl"))
     assert len(manifest["input_files"]) == 2 and manifest["tokens"]["completion"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ resume
+KILL_LINES = 32
+
+
+def test_driver_killed_mid_run_and_rerun_gives_every_custom_id_once(tiny_model, s3_server, tmp_path, monkeypatch):
+    """The driver (its whole process tree) is SIGKILLed once a quarter of the lines are committed, and the same
+    command is rerun: every custom_id comes back exactly once across output and error files, the rerun
+    resumes (attempts: interrupted, then complete), prints the status line and writes the report. Timed on
+    what the output holds, as tests/integration/test_faults.py's parquet test is (its Job class runs both)."""
+    from tests.integration.test_faults import BUSY_ENGINE, Job
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3_server.client()
+    lines = [_line(f"req-{i:02d}", messages=[_user(f"Count to {i}.")]) for i in range(KILL_LINES - 1)]
+    lines.insert(7, "{not json")  # an error line, resumed like any other
+    for part in range(3):
+        client.put_object(Bucket="data", Key=f"openai-kill/in/requests-{part}.jsonl",
+                          Body=("\n".join(lines[part::3]) + "\n").encode())
+    prefix = "openai-kill/out/"
+
+    def committed() -> dict[str, str]:
+        listed = client.list_objects_v2(Bucket="data", Prefix=prefix).get("Contents", [])
+        return {e["Key"][len(prefix):]: client.get_object(Bucket="data", Key=e["Key"])["Body"].read().decode()
+                for e in listed if e["Key"].endswith(".jsonl")}
+
+    def committed_lines() -> int:
+        return sum(len(body.splitlines()) for body in committed().values())
+
+    args = ("s3://data/openai-kill/in/", "s3://data/" + prefix.rstrip("/"))
+    extra = (*BUSY_ENGINE, "--set", f"openai_batch.accepted_model_names=[{ALIAS}]")
+    first = Job(s3_server, tiny_model, *args, tmp_path / "run1.log", *extra)
+    first.wait_for(lambda: committed_lines() >= KILL_LINES // 4, "a quarter of the lines written")
+    first.kill()
+    written_when_killed = committed_lines()
+    assert written_when_killed < KILL_LINES, "killed before it finished"
+    attempts = json.loads(client.get_object(Bucket="data", Key=prefix + "_attempts.json")["Body"].read())
+    assert [a["status"] for a in attempts["attempts"]] == ["running"]
+
+    second = Job(s3_server, tiny_model, *args, tmp_path / "run2.log", *extra)
+    assert second.wait() == 0, second.log()
+    written = committed()
+    found = Counter(json.loads(text)["custom_id"] for body in written.values() for text in body.splitlines())
+    assert found == Counter([f"req-{i:02d}" for i in range(KILL_LINES - 1)] + [None]), found
+    assert len(_lines(written, "errors-")) == 1 and _lines(written, "errors-")[0][1]["error"]["code"] == \
+        "invalid_json_line"
+    names = sorted(written)
+    assert any(n.split("-")[1] == "001" for n in names) and any(n.split("-")[1] == "002" for n in names), \
+        "the killed attempt's files are kept, the rerun writes its own"
+    manifest = json.loads(client.get_object(Bucket="data", Key=prefix + "_manifest.json")["Body"].read())
+    assert manifest["status"] == "complete" and manifest["resume"]["exactly_once"]
+    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == KILL_LINES
+    assert sorted(f.rsplit("/", 1)[-1] for f in manifest["files"]) == names
+    first_attempt, second_attempt = manifest["attempts"]
+    assert first_attempt["status"] == "interrupted" and second_attempt["status"] == "complete"
+    assert second_attempt["mode"] == "resume" and second_attempt["rows_done_before"] >= written_when_killed
+    # Lines committed before the kill were not run again; only the rest reached the engine.
+    assert second_attempt["rows_written"] == KILL_LINES - second_attempt["rows_done_before"]
+    assert second_attempt["engine_requests"] <= KILL_LINES - second_attempt["rows_done_before"]
+    log = second.log(200_000)
+    remaining = KILL_LINES - second_attempt["rows_done_before"]
+    assert f"done: {remaining:,}/{remaining:,} rows" in log, "the status line's final count"
+    report = client.get_object(Bucket="data", Key=prefix + "_report/report.html")["Body"].read().decode()
+    assert f'data-metric="rows_out" data-value="{KILL_LINES}"' in report and "invalid_json_line" in report

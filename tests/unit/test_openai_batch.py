@@ -9,13 +9,13 @@ from openai.types.chat import ChatCompletion
 
 from pipeline.batch_job import input_format, run_batch_job
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.engine_rows import finish_reason
 from pipeline.openai_batch import LineError, RequestLimits, parse_request_line
 from pipeline.openai_batch_output import (
     LineIds,
     completion_body,
     engine_error,
     error_line,
-    finish_reason,
     invalid_tool_call,
     success_line,
     tool_finish_reason,
@@ -296,3 +296,83 @@ def test_max_tokens_cap_defaults_to_half_the_context_and_stays_below_it():
     assert CONFIG.openai_batch.max_tokens_cap == CONFIG.engine.max_model_len // 2
     with pytest.raises(ConfigError, match="openai_batch.max_tokens_cap"):
         PipelineConfig.load(TINY_CPU_CONFIG, ["openai_batch.max_tokens_cap=1024"], environ={})
+
+
+# ------------------------------------------------------------------------------------- resume, manifest, report
+def test_mark_lines_drops_written_lines_and_keys_the_rest():
+    from pipeline.openai_batch_stages import mark_lines
+    from pipeline.openai_batch_written import line_row_hash
+    from pipeline.records import ROW_HASH
+
+    batch = pa.table({SOURCE: ["s3://b/in.jsonl"] * 3, LINE: [1, 2, 4], TEXT: [b"a", b"b", b"c"]})
+    done = frozenset({LineIds.of("s3://b/in.jsonl", 2).batch_request})
+    marked = mark_lines(batch, done)
+    assert marked[LINE].to_pylist() == [1, 4]
+    assert marked[ROW_HASH].to_pylist() == [line_row_hash(LineIds.of("s3://b/in.jsonl", n).batch_request)
+                                            for n in (1, 4)]
+    assert len(set(mark_lines(batch, frozenset())[ROW_HASH].to_pylist())) == 3
+
+
+def test_rolling_file_commits_named_parts_only_when_closed(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.openai_batch_sink import _RollingFile
+    from pipeline.openai_batch_written import delete_partial_files, line_files, read_written
+
+    fs = pafs.LocalFileSystem()
+    out = _RollingFile(fs, str(tmp_path), str(tmp_path), "output", attempt=2, task=7, rows_per_file=2)
+    ids = [LineIds.of("in.jsonl", n) for n in range(3)]
+    body = completion_body(ids[0], model="m", created=1_700_000_000, content="hi", tool_calls=[],
+                           finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    for n, line_ids in enumerate(ids):
+        out.write(json.dumps(success_line(line_ids, f"c{n}", body)))
+    assert [p.rsplit("/", 1)[-1] for p in line_files(fs, str(tmp_path))] == ["output-002-00007-000.jsonl"], \
+        "the open part is not visible under its name"
+    # A killed writer leaves its open part hidden; the rerun deletes it.
+    assert delete_partial_files(fs, str(tmp_path)) == 1
+    out.stream = None
+    errors = _RollingFile(fs, str(tmp_path), str(tmp_path), "errors", attempt=2, task=7, rows_per_file=2)
+    errors.write(json.dumps(error_line(ids[2], None, LineError("invalid_json_line", "bad", status=None), 3)))
+    errors.close()
+    written = read_written(fs, str(tmp_path))
+    assert written["custom_id"].to_pylist() == [None, "c0", "c1"]
+    assert written["failed"].to_pylist() == [True, False, False]
+    assert written["code"].to_pylist() == ["invalid_json_line", None, None]
+    assert written["completion_tokens"].to_pylist() == [None, 2, 2]
+    assert sorted(written["id"].to_pylist()) == sorted(i.batch_request for i in ids)
+
+
+def test_report_table_feeds_the_run_report():
+    from pipeline.openai_batch_written import WRITTEN_SCHEMA, report_table
+    from pipeline.report import build_report
+
+    written = pa.Table.from_pylist([
+        {"file": "output-001-00000-000.jsonl", "id": "batch_req_a", "custom_id": "a", "failed": False,
+         "text": "hello", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2, "created": 1_700_000_000},
+        {"file": "errors-001-00000-000.jsonl", "id": "batch_req_b", "custom_id": "b", "failed": True,
+         "code": "model_not_found", "message": "no such model"},
+    ], schema=WRITTEN_SCHEMA)
+    manifest = {"status": "complete", "started": "2023-11-14T22:13:00+00:00", "wall_s": 30.0,
+                "counts": {"rows_in": 2, "rows_out": 2, "ok": 1, "errors": 1, "errors_by_kind": {"model_not_found": 1},
+                           "errors_by_stage": {}},
+                "tokens": {"prompt": 5, "completion": 2},
+                "throughput": {"rows_per_s": 0.1, "completion_tokens_per_s": 0.1, "total_tokens_per_s": 0.2}}
+    report = build_report(PipelineConfig(), manifest, report_table(written), charts=False)
+    assert report.errors[0]["kind"] == "model_not_found" and report.errors[0]["examples"][0]["id"] == "b"
+    assert [entry["text"] for entry in report.gallery] == ["hello"]
+
+
+def test_a_poison_line_becomes_a_server_error_line():
+    """The engine stage's crash isolation (pipeline.faults) marks a line that killed the engine every time;
+    its line says so, as a 500, rather than as a generic engine error."""
+    from pipeline.engine_rows import INFERENCE_ERROR
+    from pipeline.openai_batch_stages import LineBuilder
+    from pipeline.records import ROW_ERROR, ROW_ERROR_KIND
+
+    row = {SOURCE: "in.jsonl", LINE: 3, "_custom_id": "c3", INFERENCE_ERROR: "poison_record: crashed 3 times",
+           ROW_ERROR: "poison_record: crashed 3 times", ROW_ERROR_KIND: "poison_record"}
+    built = LineBuilder("m", frozenset({1}))(row)
+    line = json.loads(built["line"])
+    assert built["failed"] and built["code"] == "poison_record" and built["stage"] == "engine"
+    assert line["custom_id"] == "c3" and line["response"]["status_code"] == 500
+    assert line["response"]["body"]["error"]["type"] == "server_error"

@@ -27,6 +27,21 @@ def test_tally_counts_rows_errors_tokens_and_latencies():
     assert latencies == [0.5, 1.0, 1.5]
 
 
+def test_tally_of_openai_batch_lines_uses_their_error_columns():
+    """An OpenAI Batch run's rows (pipeline.openai_batch_stages.OUTPUT_SCHEMA) name kind and stage `code`
+    and `stage`, and have no engine latency: the same tally, from those columns."""
+    from pipeline.openai_batch_stages import OUTPUT_SCHEMA
+
+    lines = pa.Table.from_pylist([
+        {"line": "{}", "custom_id": "a", "failed": False, "prompt_tokens": 12, "completion_tokens": 4},
+        {"line": "{}", "custom_id": "b", "failed": True, "code": "model_not_found", "stage": "validate"},
+    ], schema=OUTPUT_SCHEMA)
+    tally, latencies = tally_batch(lines, ("code", "stage"))
+    assert tally == {"rows": 2, "ok": 1, "errors": 1, "prompt_tokens": 12, "completion_tokens": 4,
+                     "errors_by_kind_stage": {("model_not_found", "validate"): 1}}
+    assert latencies == []
+
+
 def test_counter_merges_tallies():
     counter = RunCounter()
     for table in (_rows(2, [("not_found", "fetch")]), _rows(1, [("not_found", "fetch"), ("corrupt_image", "image")])):
