@@ -60,6 +60,18 @@ def running_tasks(head: LocalRayHead, node_id: str) -> list[dict[str, Any]]:
         return json.loads(response.read())["data"]["result"]["result"]
 
 
+def serve_replicas(head: LocalRayHead, app: str, deployment_contains: str) -> list[dict[str, Any]]:
+    """The replicas (state, node_id, ...) of an app's deployments whose name contains `deployment_contains`,
+    from Serve's REST API on the head's dashboard (what `serve status` reads); [] while the app is not up."""
+    request = urllib.request.Request(f"{head.dashboard_url}/api/serve/applications/",
+                                     headers={"Authorization": f"Bearer {head.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.loads(response.read())
+    deployments = ((body.get("applications") or {}).get(app) or {}).get("deployments") or {}
+    return [replica for name, deployment in deployments.items() if deployment_contains in name
+            for replica in deployment.get("replicas") or []]
+
+
 class LocalRayNode:
     def __init__(self, head: LocalRayHead, name: str, num_cpus: float = 1, resources: Optional[dict[str, float]] = None,
                  env: Optional[dict[str, str]] = None):
@@ -77,7 +89,21 @@ class LocalRayNode:
         self.node_id: Optional[str] = None
         self.log_path = self.temp_dir / "ray-start.log"
 
-    def start(self, timeout_s: float = 180.0) -> "LocalRayNode":
+    def start(self, timeout_s: float = 120.0, attempts: int = 3) -> "LocalRayNode":
+        """`ray start` the node and wait until the head lists it alive, up to `attempts` times. On a machine
+        loaded by running engines `ray start` sometimes gives up (after a fixed 30 s, when the GCS has not
+        yet listed its raylet) or hangs retrying its first GCS call; a fresh `ray start` then joins."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except (RuntimeError, TimeoutError) as exc:
+                if attempt == attempts:
+                    raise
+                logger.warning("Ray node %s: attempt %d failed, starting it again: %s", self.name, attempt,
+                               str(exc)[-300:])
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "LocalRayNode":
         command = [self.head.ray_binary, "start", f"--address={self.head.address}", "--block",
                    f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
                    "--node-ip-address=127.0.0.1", f"--node-name={self.name}", "--disable-usage-stats"]
@@ -111,7 +137,9 @@ class LocalRayNode:
             if state and state["state"] == "ALIVE":
                 return state["node_id"]
             time.sleep(1)
-        raise TimeoutError(f"node {self.name} not alive after {timeout_s}s: {self.log_tail()}")
+        raylet = self.temp_dir / "session_latest" / "logs" / "raylet.out"
+        raylet_tail = raylet.read_text(errors="replace")[-2000:] if raylet.exists() else "(no raylet log)"
+        raise TimeoutError(f"node {self.name} not alive after {timeout_s}s: {self.log_tail()}\nraylet: {raylet_tail}")
 
     def state(self) -> Optional[dict[str, Any]]:
         """This node's entry in the head's node table (the newest one of its name), or None."""

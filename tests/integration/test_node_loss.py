@@ -4,27 +4,36 @@ with its own temp dir, ports and the head's auth token: pipeline/testing/ray_nod
 `python -m jobs.caption` as its own process joining it, the tiny Gemma 3 on the real vLLM CPU engine, and
 the real S3 server for input and output.
 
-The engine is pinned to an "engine node" (engine.ray_resources={engine: 1}; only that node offers the
-resource) while image preparation, the row ledger and the driver stay on the head. The engine node is lost
-while its engine is generating (timed on rows committed, never on the clock), and a replacement engine
-node joins:
+The engine is pinned to "engine nodes" (engine.ray_resources={engine: 1}; only they offer the resource)
+while image preparation, the row ledger, the driver, and online the Serve controller, proxy and ingress stay
+on the head. Engine nodes are lost while their engines generate (timed on rows committed or requests
+answered, never on the clock), and replacement engine nodes join.
 
-- SIGKILL of the node (its raylet and every process under it, at once): the in-flight batches are redone on
-  the replacement's engine, in the same job, and every input row has exactly one output row;
-- a graceful drain first (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, what the autoscaler does
-  on a spot interruption notice), and the node terminated once its engine is idle: Ray Data sends no new
-  batch to a replica on a draining node, the batches it holds finish, and no row is generated twice.
+- Batch, one job (three engine starts): a graceful drain first (`ray drain-node --reason
+  DRAIN_NODE_REASON_PREEMPTION`, what the autoscaler does on a spot interruption notice), the node
+  terminated once its engine is idle: Ray Data sends no new batch to a replica on a draining node, the
+  batches it holds finish, and no row is generated twice; then SIGKILL of the next engine node (its raylet
+  and every process under it, at once): the in-flight batches are redone on the replacement's engine, in
+  the same job, and every input row has exactly one output row.
+- Online (test_node_loss_online.py, on this module's head and engine nodes).
 
-Each test is one job with two engine starts (a minute or more each here), so the engine node is lost after
-the first committed rows, and the rows are few and short.
+Engine starts cost a minute or more each here, so the rows are few and short and the online load lasts
+seconds.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+import urllib.parse
+import urllib.request
 
 import psutil
 import pytest
 
+from pipeline.faults import LEDGER_NAMESPACE
 from pipeline.testing.ray_head import LocalRayHead
 from pipeline.testing.ray_nodes import LocalRayNode, running_tasks
 from tests.conftest import OFFLINE_ENV
@@ -65,9 +74,10 @@ def add_engine_node(s3_server, head):
     the next test's engine cannot land on them."""
     nodes: list[LocalRayNode] = []
 
-    def add(name: str) -> LocalRayNode:
-        # One CPU: the engine replica's bundle takes it, so nothing else lands on the engine node.
-        node = LocalRayNode(head, name, num_cpus=1, resources=ENGINE_RESOURCE, env=node_env(s3_server))
+    def add(name: str, num_cpus: int = 1) -> LocalRayNode:
+        # As many CPUs as the engine replica's bundle takes (batch: 1; Serve: 2, its replica actor's CPU
+        # is added to the engine's), so nothing else lands on the engine node.
+        node = LocalRayNode(head, name, num_cpus=num_cpus, resources=ENGINE_RESOURCE, env=node_env(s3_server))
         nodes.append(node)
         return node.start()
 
@@ -99,24 +109,87 @@ def assert_status_line_survived(job: Job, rows: int) -> None:
     assert f"progress: done: {rows}/{rows} rows" in log, job.log()
 
 
-def test_engine_node_killed_mid_run_replacement_finishes_exactly_once(s3_server, head, add_engine_node, tiny_model, tmp_path):
-    rows = 24
-    first_node = add_engine_node("engine-1")
+def ledger_summary(head: LocalRayHead) -> dict[str, int]:
+    """The running job's engine counts, read from its row ledger actor (pipeline/faults.py): its name from
+    the head's state API, its counts by a short Ray driver of its own, as `ray` tooling would."""
+    query = urllib.parse.urlencode([("limit", "100"), ("filter_keys", "class_name"), ("filter_predicates", "="),
+                                    ("filter_values", "RowLedger"), ("filter_keys", "state"),
+                                    ("filter_predicates", "="), ("filter_values", "ALIVE")])
+    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/actors?{query}",
+                                     headers={"Authorization": f"Bearer {head.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (ledger,) = json.loads(response.read())["data"]["result"]["result"]
+    script = ("import json, ray\n"
+              f"ray.init(address={head.address!r}, log_to_driver=False)\n"
+              f"ledger = ray.get_actor({ledger['name']!r}, namespace={LEDGER_NAMESPACE!r})\n"
+              "print(json.dumps(ray.get(ledger.summary.remote(), timeout=60)))\n")
+    env = {**os.environ, **head.client_env()}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_engine_nodes_drained_then_killed_in_one_job(s3_server, head, add_engine_node, tiny_model, tmp_path):
+    """One job, three engine nodes in turn: the first is drained mid-run (a preemption notice) and
+    terminated once its engine holds no batch, then a second joins and is SIGKILLed while it generates
+    (a preemption without notice), then a third finishes the job.
+
+    - The drain loses no work: the rows the drained engine held finish there, the rest wait for the
+      second engine, and until the kill no row has reached an engine twice (the job's row ledger says
+      so, read while the job runs).
+    - The kill loses no row either: the in-flight batches are redone on the third engine in the same job,
+      every input row has exactly one output row, and the redone rows are counted.
+
+    6 engine batches of 8 rows (one at a time, 384 tokens each, no early stop): when the first is
+    committed the second is generating on the first node and the third waits in its replica (Ray Data
+    hands an actor 2 x max_concurrent_batches tasks at a time); those two finish under the drain, and the
+    rest are left for the later engines."""
+    rows = 48
     records = build_records(rows)
-    output = Output(s3_server, "s3://data/node-kill/output")
-    job = Job(s3_server, tiny_model, upload(s3_server, "node-kill/input", records), output.uri, tmp_path / "run.log",
-              *busy_engine(128), *on_cluster(head))
+    output = Output(s3_server, "s3://data/node-loss/output")
+    first = add_engine_node("engine-1")
+    job = Job(s3_server, tiny_model, upload(s3_server, "node-loss/input", records), output.uri, tmp_path / "run.log",
+              # long enough that a batch outlasts `ray drain-node`'s start (seconds)
+              *busy_engine(384), *on_cluster(head))
     job.wait_for(lambda: output.committed_rows() > 0, "the first rows written")
     # The engine runs on the engine node, not beside the driver.
-    assert engine_cores(first_node.processes()), [p.name() for p in first_node.processes()]
+    assert engine_cores(first.processes()), [p.name() for p in first.processes()]
     assert not engine_cores(job.tree())
-    assert output.committed_rows() < rows, "the node must be lost while rows are still being generated"
 
-    first_node.kill()
-    replacement = add_engine_node("engine-2")
-    job.wait_for(lambda: engine_cores(replacement.processes()), "the engine restarted on the replacement node")
+    # 1. A preemption notice: drain, and terminate the instance once its engine is idle. No replacement
+    # yet, so whatever the drained engine did not take is certainly left for later engines.
+    drained = first.drain("spot interruption notice", deadline_s=120)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert first.state()["state"] == "ALIVE", "draining: still up, taking no new work"
+    # Ray's workers report task states about once a second, so idle must be seen over a few seconds.
+    idle_since = None
+
+    def idle() -> bool:
+        nonlocal idle_since
+        busy = running_tasks(head, first.node_id)
+        idle_since = None if busy else (idle_since or time.monotonic())
+        return idle_since is not None and time.monotonic() - idle_since >= 3
+
+    job.wait_for(idle, "the drained engine finishing its batches", timeout_s=300)
+    after_drain = output.committed_rows()
+    assert 0 < after_drain < rows, "rows were left for the next engine"
+    first.kill()
+
+    # 2. A replacement joins and is lost without notice while it generates.
+    second = add_engine_node("engine-2")
+    job.wait_for(lambda: engine_cores(second.processes()), "the engine restarted on the second node")
+    job.wait_for(lambda: output.committed_rows() > after_drain, "rows written by the second engine")
+    assert output.committed_rows() < rows, "the node must be lost while rows are still being generated"
+    before_kill = ledger_summary(head)
+    assert before_kill["rows_retried_after_crash"] == 0, f"the drain lost work: {before_kill}"
+    assert before_kill["engine_starts"] == 2, before_kill
+    second.kill()
+
+    third = add_engine_node("engine-3")
+    job.wait_for(lambda: engine_cores(third.processes()), "the engine restarted on the third node")
     assert job.wait() == 0, job.log()
-    assert first_node.state()["state"] == "DEAD"
+    assert first.state()["state"] == second.state()["state"] == "DEAD"
 
     assert_status_line_survived(job, rows)
     assert_exactly_once(output.table(), records)
@@ -125,53 +198,8 @@ def test_engine_node_killed_mid_run_replacement_finishes_exactly_once(s3_server,
     assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == rows
     assert manifest["counts"]["errors"] == ERROR_ROWS
     (attempt,) = manifest["attempts"]
-    assert attempt["engine_starts"] == 2, "the engine replica started again, on the replacement node"
-    # The rows in flight on the lost node were sent again; every other row reached an engine once.
+    assert attempt["engine_starts"] == 3, "the engine replica started on each node in turn"
+    # The rows in flight on the killed node were sent again; every other row reached an engine once.
     assert attempt["rows_retried_after_crash"] >= 1
     assert attempt["engine_requests"] == rows - ERROR_ROWS + attempt["rows_retried_after_crash"]
     assert attempt["poison_rows"] == 0
-
-
-def test_engine_node_drained_then_terminated_loses_no_work(s3_server, head, add_engine_node, tiny_model, tmp_path):
-    # 5 engine batches: when the first is committed, the second is generating on the engine node and the
-    # third waits in its replica (Ray Data hands an actor 2 x max_concurrent_batches tasks at a time), so
-    # the last two are left for the replacement.
-    rows = 40
-    first_node = add_engine_node("engine-3")
-    records = build_records(rows)
-    output = Output(s3_server, "s3://data/node-drain/output")
-    job = Job(s3_server, tiny_model, upload(s3_server, "node-drain/input", records), output.uri, tmp_path / "run.log",
-              # longer: the second batch must outlast `ray drain-node`'s start (seconds)
-              *busy_engine(384), *on_cluster(head))
-    job.wait_for(lambda: output.committed_rows() > 0, "the first rows written")
-    assert engine_cores(first_node.processes())
-
-    drained = first_node.drain("spot interruption notice", deadline_s=120)
-    assert drained.returncode == 0, drained.stdout + drained.stderr
-    assert first_node.state()["state"] == "ALIVE", "draining: still up, taking no new work"
-    replacement = add_engine_node("engine-4")
-    # The instance goes away once its engine holds no batch (Ray's workers report task states about once a
-    # second, so idle must be seen over a few seconds).
-    idle_since = None
-
-    def idle() -> bool:
-        nonlocal idle_since
-        busy = running_tasks(head, first_node.node_id)
-        idle_since = None if busy else (idle_since or time.monotonic())
-        return idle_since is not None and time.monotonic() - idle_since >= 3
-
-    job.wait_for(idle, "the drained engine finishing its batches", timeout_s=300)
-    assert output.committed_rows() < rows, "rows were left for the replacement"
-    first_node.kill()
-    job.wait_for(lambda: engine_cores(replacement.processes()), "the engine restarted on the replacement node")
-    assert job.wait() == 0, job.log()
-
-    assert_status_line_survived(job, rows)
-    assert_exactly_once(output.table(), records)
-    manifest = output.json("_manifest.json")
-    assert manifest["status"] == "complete" and manifest["resume"]["exactly_once"]
-    (attempt,) = manifest["attempts"]
-    assert attempt["engine_starts"] == 2
-    # No work lost: no row was in flight when the node went, so every row reached an engine exactly once.
-    assert attempt["rows_retried_after_crash"] == 0
-    assert attempt["engine_requests"] == rows - ERROR_ROWS
