@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 
 from . import records as R
 from .batch_skeleton import (DRIVER_ID_SCAN_MAX_FILES, InputError, InputUri, ModelPlan, count_ids, count_ids_on_ray,
-                             plan_model, run_batch)
+                             plan_model, prepare_on_cpu_pool, run_batch)
 from .config import ConfigError, PipelineConfig
 from .engine import engine_kwargs, fixed_or_range, placement_group, runtime_env
 from .engine_rows import FinalizeRows, OutputBuilder, RequestBuilder
@@ -224,14 +224,7 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
     dataset = dataset.rename_columns({"path": R.SOURCE}) if "path" not in plan.schema.names else dataset
     if not pa.types.is_string(plan.schema.field(R.ID).type):
         dataset = dataset.map_batches(_ids_as_strings, batch_format="pyarrow")
-    dataset = dataset.map_batches(
-        PrepareRecords,
-        fn_constructor_kwargs={"config": config, "target": model.image_target, "duplicate_ids": plan.duplicate_ids},
-        batch_size=config.batch.prepare_batch_size,
-        batch_format="pyarrow",
-        num_cpus=config.batch.prepare_num_cpus,
-        compute=ray.data.ActorPoolStrategy(**_pool_size(config.batch.prepare_replicas)),
-    )
+    dataset = prepare_on_cpu_pool(dataset, PrepareRecords, config, model.image_target, plan.duplicate_ids)
     outputs = OutputBuilder(config, schema, model.stop_token_ids)
     processor = build_processor(
         processor_config(config),
@@ -241,11 +234,6 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
     )
     dataset = processor(dataset)
     return dataset.map_batches(FinalizeRows(outputs), batch_format="pyarrow"), schema
-
-
-def _pool_size(value: int | tuple[int, int]) -> dict[str, int]:
-    low, high = fixed_or_range(value)
-    return {"min_size": low, "max_size": high}
 
 
 def run_caption(config: PipelineConfig, input_uri: InputUri, output_uri: str, *, overwrite: bool = False) -> dict[str, Any]:

@@ -98,6 +98,25 @@ def count_ids_on_ray(ids, column: str, n_files: int) -> tuple[int, frozenset[str
 
 
 # -------------------------------------------------------------------------------------------- adapter
+def prepare_on_cpu_pool(dataset, udf: type, config: PipelineConfig, target: ImageTarget,
+                        duplicate_ids: frozenset[str]):
+    """`udf` (fetch, decode, resize: each format's record preparation) on the CPU actor pool of
+    batch.prepare_replicas, batch.prepare_batch_size rows a call, for either format."""
+    import ray
+
+    from .engine import fixed_or_range
+
+    low, high = fixed_or_range(config.batch.prepare_replicas)
+    return dataset.map_batches(
+        udf,
+        fn_constructor_kwargs={"config": config, "target": target, "duplicate_ids": duplicate_ids},
+        batch_size=config.batch.prepare_batch_size,
+        batch_format="pyarrow",
+        num_cpus=config.batch.prepare_num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+    )
+
+
 class InputPlanLike(Protocol):
     num_rows: int
 

@@ -23,9 +23,8 @@ import pyarrow.fs as pafs
 
 from .batch import processor_config
 from .batch_skeleton import (DRIVER_ID_SCAN_MAX_FILES, InputError, ModelPlan, count_ids, count_ids_on_ray,
-                             run_batch)
+                             prepare_on_cpu_pool, run_batch)
 from .config import PipelineConfig
-from .engine import fixed_or_range
 from .faults import EngineGuardSettings
 from .manifest import assemble_manifest
 from .openai_batch_stages import (
@@ -142,25 +141,16 @@ def build_openai_batch_dataset(config: PipelineConfig, plan: RequestFilesPlan, m
                                written_ids: frozenset[str] = frozenset()):
     """The lazy dataset of output lines (nothing runs until it is written), less the lines whose ids are in
     `written_ids` (a resumed output's); with `guard` the engine stage isolates lines that crash it."""
-    import ray
     from ray.data.llm import build_processor
 
     from .openai_batch_template import stage_overrides
 
-    low, high = fixed_or_range(config.batch.prepare_replicas)
     dataset = read_lines_dataset(config, plan.files).map_batches(
         mark_lines, batch_format="pyarrow", fn_kwargs={"written_ids": written_ids})
     # As for parquet records: blocks of at most batch.rows_per_block lines are the unit of commit, so a
     # killed run loses little and its rerun skips the rest (a file's lines are otherwise one block).
     dataset = dataset.repartition(target_num_rows_per_block=config.batch.rows_per_block)
-    dataset = dataset.map_batches(
-        PrepareRequests,
-        fn_constructor_kwargs={"config": config, "target": model.image_target, "duplicate_ids": plan.duplicate_ids},
-        batch_size=config.batch.prepare_batch_size,
-        batch_format="pyarrow",
-        num_cpus=config.batch.prepare_num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-    )
+    dataset = prepare_on_cpu_pool(dataset, PrepareRequests, config, model.image_target, plan.duplicate_ids)
     lines = LineBuilder(config.model.served_name, frozenset(model.stop_token_ids))
     override = stage_overrides(config)
     if guard is not None:

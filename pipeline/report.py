@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -258,15 +258,19 @@ def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Tab
 
 def write_report(config: PipelineConfig, output_uri: str, manifest: dict[str, Any]) -> str:
     """Build and write `_report/report.html` and `_report/<chart>.png`; returns the HTML's URI."""
-    from .report_html import render_html
-
     table = load_output_columns(config, output_uri)
     details = None
     if config.report.gallery_size > 0:
         answered, errors = gallery_picks(table, config.report.gallery_size, config.report.gallery_errors_per_kind,
                                          config.report.gallery_seed)
         details = load_rows(config, output_uri, table, answered + [p for ps in errors.values() for p in ps])
-    report = build_report(config, manifest, table, gallery_rows=details)
+    return write_report_files(config, output_uri, build_report(config, manifest, table, gallery_rows=details))
+
+
+def write_report_files(config: PipelineConfig, output_uri: str, report) -> str:
+    """Write a built report's charts and HTML under `_report/`; returns the HTML's URI."""
+    from .report_html import render_html
+
     directory = join(output_uri, REPORT_DIR)
     for name, png in report.charts.items():
         write_bytes(config.storage, join(directory, f"{name}.png"), png)
@@ -275,13 +279,14 @@ def write_report(config: PipelineConfig, output_uri: str, manifest: dict[str, An
     return uri
 
 
-def write_run_report(config: PipelineConfig, output_uri: str, manifest: dict[str, Any]) -> Optional[str]:
-    """`write_report` for the end of a run: the output is already written, so a report that fails is
-    logged and the run still succeeds."""
+def write_run_report(config: PipelineConfig, output_uri: str, manifest: dict[str, Any],
+                     write: Optional[Callable[[PipelineConfig, str, dict[str, Any]], str]] = None) -> Optional[str]:
+    """`write` (default `write_report`; the OpenAI Batch job passes its own) for the end of a run: the
+    output is already written, so a report that fails is logged and the run still succeeds."""
     if not config.report.enabled:
         return None
     try:
-        uri = write_report(config, output_uri, manifest)
+        uri = (write or write_report)(config, output_uri, manifest)
     except Exception:
         logger.exception("could not write the run report under %s; the output and manifest are complete",
                          output_uri)
