@@ -141,11 +141,11 @@ def test_engine_nodes_drained_then_killed_in_one_job(s3_server, head, add_engine
     - The kill loses no row either: the in-flight batches are redone on the third engine in the same job,
       every input row has exactly one output row, and the redone rows are counted.
 
-    6 engine batches of 8 rows (one at a time, 384 tokens each, no early stop): when the first is
-    committed the second is generating on the first node and the third waits in its replica (Ray Data
-    hands an actor 2 x max_concurrent_batches tasks at a time); those two finish under the drain, and the
-    rest are left for the later engines."""
-    rows = 48
+    12 engine batches of 8 rows (one at a time, 384 tokens each, no early stop): Ray Data hands the
+    drained engine no new batch, but it finishes those it holds, and on a loaded machine the drain itself
+    takes seconds: in a clean-clone run the first engine finished 5 of 6 batches, leaving the second one
+    batch, written before it could be lost. With 12, about half are left for the later engines."""
+    rows = 96
     records = build_records(rows)
     output = Output(s3_server, "s3://data/node-loss/output")
     first = add_engine_node("engine-1")
