@@ -85,13 +85,7 @@ case "${1:-}" in
         bash "$ROOT/bench/online_gpu_session.sh" part; tail -2 $J/data.log ;;
       start)
         shift
-        [ -d "$ROOT/.gpu/kit/wheel" ] && rm -rf $KIT && cp -r "$ROOT/.gpu/kit" $KIT
-        if [ ! -f /tmp/site/.unpacked ]; then
-          bash /tmp/gpu-parts/unpack.sh /tmp/gpu-parts > $J/unpack.log 2>&1 || { tail -20 $J/unpack.log; exit 1; }
-          touch /tmp/site/.unpacked
-        fi
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          $KIT/wheel/*.whl || exit 1
+        bash "$ROOT/bench/online_gpu_session.sh" install || exit 1
         (cd $J && python3 -c "import vllm, ray, ray.data.llm, pipeline, jobs.caption; print('vllm', vllm.__version__, 'ray', ray.__version__, 'pipeline from', pipeline.__file__)") || exit 1
         for _ in $(seq 100); do
           grep -q "CHECKPOINT READY" /tmp/online/checkpoint.log && break

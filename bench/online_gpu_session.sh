@@ -9,6 +9,7 @@
 #   bench/online_gpu_session.sh stage           (first call, carry .gpu/kit and .gpu/parts/part-01) copy the kit and
 #                                               the part to /tmp, build the 12B-shaped checkpoints detached
 #   bench/online_gpu_session.sh part            (carry .gpu/parts/part-NN) copy that part to /tmp/gpu-parts
+#   bench/online_gpu_session.sh install         unpack the wheels once, pip-install our wheel (start does it)
 #   bench/online_gpu_session.sh start [ARGS]    unpack the wheels, pip-install our wheel, check the imports,
 #                                               start bench.online_gpu detached (ARGS go to it)
 #   bench/online_gpu_session.sh poll SECONDS    wait for it (keeping the lease busy), copy results to $OUT
@@ -61,8 +62,7 @@ import shutil; shutil.rmtree('$W/gemma3-12b-bf16'); print('CHECKPOINT READY', fl
   part)
     cp -u "$ROOT"/.gpu/parts/* /tmp/gpu-parts/ && ls /tmp/gpu-parts | tr '\n' ' '; echo
     tail -3 $W/checkpoint.log ;;
-  start)
-    shift
+  install)
     # A kit carried again with this call (runner fixes made while the parts travelled) replaces the staged one.
     [ -d "$ROOT/.gpu/kit/wheel" ] && rm -rf $KIT && cp -r "$ROOT/.gpu/kit" $KIT
     if [ ! -f /tmp/site/.unpacked ]; then
@@ -71,7 +71,10 @@ import shutil; shutil.rmtree('$W/gemma3-12b-bf16'); print('CHECKPOINT READY', fl
     fi
     # Our package, from its wheel: its vllm.general_plugins entry points are what vLLM finds.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      $KIT/wheel/*.whl || exit 1
+      $KIT/wheel/*.whl ;;
+  start)
+    shift
+    bash "$0" install || exit 1
     cd $W && python3 - <<'EOF' || exit 1
 import importlib.metadata as md, sys
 import vllm, ray, ray.serve.llm, pipeline, jobs.serve
@@ -101,5 +104,5 @@ EOF
     (cd $W && tar czf "${OUT:-/tmp}/server-logs.tar.gz" server-*.log unpack.log checkpoint.log 2>/dev/null)
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
     cat $W/runner.log | grep -v "^\s*$" | tail -40 ;;
-  *) echo "usage: $0 kit | stage | part | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 kit | stage | part | install | start [ARGS] | poll SECONDS" >&2; exit 2 ;;
 esac
