@@ -185,6 +185,24 @@ def card_name() -> str:
         return "unknown"
 
 
+def stop_process_group(process, grace_s: float) -> None:
+    """SIGTERM to a server or job started in its own session, up to `grace_s` for it to exit (our jobs
+    shut their embedded Ray down on it), then SIGKILL to its whole process group."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def emit(result: dict) -> None:
     """One result as a single line the orchestrator picks out of the subprocess output."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

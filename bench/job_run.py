@@ -49,14 +49,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from bench.common import GENERATED_TOKENS, RESULT_PREFIX, GpuSampler
+from bench.common import GENERATED_TOKENS, RESULT_PREFIX, GpuSampler, stop_process_group
 from bench.job_window import job_rates, output_instants, progress_snapshots, steady_window, usd_per_million
 
 TARGETS = ("ours-w1", "plain-w1", "ours-w2", "plain-w2")
@@ -94,16 +93,7 @@ class Job:
 
     def stop(self, grace_s: float = 60) -> None:
         """SIGTERM, then the process group; then wait for the card's memory to be given back."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.process, grace_s)
         self.reader.join(timeout=10)
         self.log.close()
         wait_gpu_free()

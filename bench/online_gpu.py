@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED_TOKENS, W1_PROMPT, camera_image_bytes, w1_image_bytes
+from bench.common import GENERATED_TOKENS, W1_PROMPT, camera_image_bytes, stop_process_group, w1_image_bytes
 from bench.online_latency import SERVED, load, stream_one
 
 # The model card's flags, verbatim, besides the model path and where it listens.
@@ -129,16 +129,7 @@ def gpu_pids() -> list[int]:
 def stop(process: subprocess.Popen, grace_s: float = 90) -> None:
     """SIGTERM (jobs.serve shuts Serve and its embedded Ray down on it), then the group, then whatever
     this run started that still holds the GPU: the next server needs the whole card."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_process_group(process, grace_s)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(gpu_memory_used_mib()) > 2048:
         time.sleep(2)
