@@ -96,7 +96,8 @@ EOF
   poll)
     end=$((SECONDS + ${2:-300}))
     while [ $SECONDS -lt $end ]; do
-      kill -0 "$(cat $W/runner.pid 2>/dev/null)" 2>/dev/null || break
+      # The runner's last line is "done"; kill -0 on its pid does not see it from a later call.
+      tail -1 $W/runner.log 2>/dev/null | grep -qx done && break
       cp $W/results.json "${OUT:-/tmp}/" 2>/dev/null; cp $W/runner.log "${OUT:-/tmp}/" 2>/dev/null
       sleep 5
     done
