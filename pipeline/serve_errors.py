@@ -36,7 +36,16 @@ LOST_REPLICA_ERRORS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavai
 
 
 def is_lost_replica(exc: BaseException) -> bool:
-    return any(cls.__name__ in LOST_REPLICA_ERRORS for cls in type(exc).__mro__)
+    """Also when raised from one: once a stream has begun, Starlette re-raises an error that has a handler
+    (the ingress registers the 503 for these) as RuntimeError("Caught handled exception, but response
+    already started.") from it; missing that, the proxy ended the stream cleanly, a silent truncation."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if any(cls.__name__ in LOST_REPLICA_ERRORS for cls in type(exc).__mro__):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
 
 
 def lost_replica_error() -> ApiError:

@@ -88,9 +88,12 @@ class GuardMiddleware:
             # with an OpenAI error event instead (one it can tell apart and retry); an unbegun response
             # gets the 503 (Ray's route errors are turned into one by the ingress's exception handler).
             if not is_lost_replica(exc) or not await reshaper.end_with(lost_replica_error()):
+                await reshaper.release()
                 raise
             logger.warning("%s %s: engine replica lost mid-response (%s)", scope["method"], scope["path"],
                            type(exc).__name__)
+        else:
+            await reshaper.release()
 
     async def _checked_body(self, scope, receive, headers: Headers, key: str):
         path = scope["path"]
@@ -193,6 +196,7 @@ class _ErrorReshaper:
         self._start: Optional[dict] = None
         self._chunks: list[bytes] = []
         self._sent_start = self._finished = self._event_stream = False
+        self._held_end: Optional[dict] = None
 
     async def end_with(self, error: ApiError) -> bool:
         """End a response the app failed to finish with `error`: the JSON error if nothing was sent yet,
@@ -203,6 +207,9 @@ class _ErrorReshaper:
         if not self._sent_start:
             await _send_json(self._send, error.status, error.body(), error.headers)
         elif self._event_stream:
+            held, self._held_end = self._held_end, None
+            if held is not None and held.get("body"):
+                await self._send({**held, "more_body": True})
             await self._send({"type": "http.response.body", "more_body": False,
                               "body": f"data: {json.dumps(error.body())}\n\n".encode()})
         else:
@@ -210,12 +217,25 @@ class _ErrorReshaper:
         self._finished = True
         return True
 
+    async def release(self) -> None:
+        """Send a stream's held end (the app returned, or failed otherwise than by a lost replica)."""
+        held, self._held_end = self._held_end, None
+        if held is not None:
+            self._finished = True
+            await self._send(held)
+
     async def __call__(self, message):
         if message["type"] == "http.response.start" and message["status"] < 400:
             self._sent_start = True
             content_type = Headers(raw=message["headers"]).get("content-type", "")
             self._event_stream = content_type.startswith("text/event-stream")
         elif message["type"] == "http.response.body" and self._start is None and not message.get("more_body"):
+            if self._event_stream:
+                # A stream's end is held until the app returns (release): Ray's ingress wraps its routes in
+                # a BaseHTTPMiddleware, which ends a stream whose app failed (a lost replica) with this
+                # clean last message before the error reaches the guard, a truncation no client notices.
+                self._held_end = message
+                return
             self._finished = True
         if message["type"] == "http.response.start" and message["status"] >= 400:
             self._start = message
