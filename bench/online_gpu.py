@@ -43,8 +43,10 @@ CARD_FLAGS = ["--gpu-memory-utilization", "0.9", "--max-model-len", "8192"]
 TARGETS = ("ours", "ours-uni", "ours-scale", "card", "card-eager")
 # ours-scale: two engine replicas allowed on the one card (half of it each), scaling out above 16 requests
 # in flight per replica: the one -> two scale-up run (bench/online_scale.py).
-SCALE_SETS = ["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.42", "serve.min_replicas=1",
-              "serve.max_replicas=2", "serve.target_ongoing_requests=16"]
+# A fixed KV cache per replica (16 GiB, as bench/gpu_throughput.py's two-per-GPU runs): the config refuses a
+# share below 1 without one, since vLLM would size it from free memory that the neighbour is changing.
+SCALE_SETS = ["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.42", "engine.kv_cache_memory_bytes=17179869184",
+              "serve.min_replicas=1", "serve.max_replicas=2", "serve.target_ongoing_requests=16"]
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",

@@ -52,3 +52,20 @@ def test_rising_load_holds_until_the_second_replica_and_logs_every_request(tmp_p
     assert len(result["timeline"]["replicas_warmed_up"]) == 2
     assert [p["phase"] for p in result["per_replica_phase"]] == ["one replica", "two replicas"]
     assert calls > 30  # it held the top step after the second replica warmed up
+
+
+@pytest.mark.parametrize("target", ["ours", "ours-uni", "ours-scale"])
+def test_every_ours_target_is_a_valid_configuration(target: str):
+    """The H200 lease of 2026-12-03 lost its scale-up run to jobs.serve refusing the target's settings
+    (gpu_share 0.5 without kv_cache_memory_bytes): each target's --config and --set go through the real loader."""
+    from bench.online_gpu import target_command
+    from pipeline.config import PipelineConfig
+    from tests.conftest import ROOT
+
+    command, _ = target_command(target, "/ckpt", 18300, "k", str(ROOT / "configs/gpu-fp8.yaml"), [])
+    sets = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    config = PipelineConfig.load(command[command.index("--config") + 1], sets)
+    assert config.serve.port == 18300
+    if target == "ours-scale":
+        assert (config.engine.gpu_share, config.serve.max_replicas) == (0.5, 2)
+        assert config.engine.kv_cache_memory_bytes == 16 * 2**30
