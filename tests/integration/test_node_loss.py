@@ -65,7 +65,9 @@ def head(s3_server):
 
 
 def node_env(s3_server) -> dict[str, str]:
-    return {**OFFLINE_ENV, **s3_server.env()}
+    # RAY_SERVE_ENABLE_TASK_EVENTS: Serve's actors report their tasks to the state API (off by default),
+    # so the online test sees which engine replica is answering requests (test_node_loss_online.py).
+    return {**OFFLINE_ENV, **s3_server.env(), "RAY_SERVE_ENABLE_TASK_EVENTS": "1"}
 
 
 @pytest.fixture
