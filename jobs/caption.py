@@ -25,7 +25,7 @@ Examples of overrides (any config field, YAML values):
 While it runs: Ray Data's progress bars, and every report.status_interval_s a line with rows done,
 rows/s, generated tokens/s, errors by kind and the ETA. After it: OUTPUT/_manifest.json and
 OUTPUT/_report/report.html (self-contained; charts also as OUTPUT/_report/*.png). Rebuild the report, say
-with another price: python -m jobs.report OUTPUT --set report.gpu_hourly_usd=3.0
+with another price: python -m jobs.report OUTPUT --gpu-hourly-usd 3.0
 
 Rerunning the same command after a crash resumes: only records without output are processed, and every
 record ends with exactly one output row. Over a complete output it does nothing (exit 0) unless --overwrite.
