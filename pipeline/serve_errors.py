@@ -29,8 +29,8 @@ _OPENAI_TYPES = frozenset(_TYPES_BY_STATUS.values()) | {"server_error"}
 
 # What Ray raises in the ingress when the engine replica under a request went away (its node lost, its
 # process killed) or no replica is left to take it: the request itself was fine and another replica can
-# answer it, so the client gets a retryable 503 (code "replica_lost") instead of Ray's bodiless-cause 500 or
-# a stream cut mid-body (docs/preemption.md). Matched by class name so this module needs no Ray.
+# answer it, so the client gets a retryable 503 (code "replica_lost") instead of Ray's bodiless-cause 500, or
+# a stream's error event instead of a silently truncated stream (docs/preemption.md). Matched by class name so this module needs no Ray.
 LOST_REPLICA_ERRORS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError",
                                  "ReplicaUnavailableError", "DeploymentUnavailableError"})
 

@@ -83,10 +83,11 @@ class GuardMiddleware:
         try:
             await self.app(scope, receive, reshaper)
         except Exception as exc:
-            # The engine replica went away under a response already begun (a stream): Ray lets the error
-            # escape and the proxy cuts the body, which a client reads as a broken connection. End it
-            # with an OpenAI error event instead (one it can tell apart and retry); an unbegun response
-            # gets the 503 (Ray's route errors are turned into one by the ingress's exception handler).
+            # The engine replica went away under a response already begun (a stream): Ray's ingress would
+            # end the stream cleanly, without its finish reason (a truncation no client notices; the
+            # reshaper holds that end back). End it with an OpenAI error event instead (one a client can
+            # tell apart and retry); an unbegun response gets the 503 (Ray's route errors are turned into
+            # one by the ingress's exception handler).
             if not is_lost_replica(exc) or not await reshaper.end_with(lost_replica_error()):
                 await reshaper.release()
                 raise
