@@ -21,7 +21,7 @@ GENERATED_TOKENS = 128
 RESULT_PREFIX = "RESULT "
 
 # The engine settings of every benchmark run, batch and online alike: one PipelineConfig gives both their
-# vLLM engine arguments (`pipeline.engine.engine_kwargs`), so a layout is compared on the same engine.
+# vLLM engine arguments (`pipeline.engine.args.engine_kwargs`), so a layout is compared on the same engine.
 # (vLLM's compile cache still did not carry over from a batch start to an online one: on 2026-11-27 the
 # printed engine configs matched but the cache keys differed, so every start compiled, ~70 s.)
 BENCH_SETTINGS = [

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from transformers import AutoProcessor
 
-    from pipeline.vllm_gemma3 import Uint8ImageProcessor
+    from pipeline.engine.gemma3 import Uint8ImageProcessor
 
     processor = AutoProcessor.from_pretrained(args.model)
     stock_ip = processor.image_processor

@@ -30,8 +30,8 @@ case "${1:-}" in
     DIST=/tmp/site/gemma3_fp8_pipeline-0.1.0.dist-info
     mkdir -p $DIST
     printf 'Metadata-Version: 2.1\nName: gemma3-fp8-pipeline\nVersion: 0.1.0\n' > $DIST/METADATA
-    printf '[vllm.general_plugins]\ngemma3_fast_images = pipeline.vllm_plugin:register\n' > $DIST/entry_points.txt
-    python3 -c "import vllm, ray, pipeline.vllm_plugin; print('vllm', vllm.__version__, 'ray', ray.__version__)" || exit 1
+    printf '[vllm.general_plugins]\ngemma3_fast_images = pipeline.engine.plugin:register\n' > $DIST/entry_points.txt
+    python3 -c "import vllm, ray, pipeline.engine.plugin; print('vllm', vllm.__version__, 'ray', ray.__version__)" || exit 1
     mkdir -p $BENCH
     cd "$ROOT"
     setsid nohup python3 -m bench.gpu_throughput --workdir $BENCH --results $BENCH/results.json "$@" \

@@ -94,12 +94,12 @@ KNOBS = {
                         "engine.extra_engine_kwargs.compilation_config.cudagraph_mm_encoder=true"],
                        ['compilation_config={"compile_mm_encoder": true, "cudagraph_mm_encoder": true}']),
     "mnbt16k": (["engine.max_num_batched_tokens=16384"], ["max_num_batched_tokens=16384"]),
-    # vLLM as it is, without our one patch (pipeline/vllm_patches.py): its A/B on a GPU.
+    # vLLM as it is, without our one patch (pipeline/engine/patches.py): its A/B on a GPU.
     "no-range-cache": (["runtime.env_vars.PIPELINE_VLLM_RANGE_CACHE='0'"], None),
     "mnbt4k": (["engine.max_num_batched_tokens=4096"], ["max_num_batched_tokens=4096"]),
     # 768 sequences: the fp8 KV cache held 500 at 36% use on an H200.
     "seqs768": (["engine.max_num_seqs=768", "batch.max_concurrent_batches=16"], ["max_num_seqs=768"]),
-    # Host-time samples of every vLLM process (pipeline/stack_sampler.py), read by bench.stack_report.
+    # Host-time samples of every vLLM process (pipeline/engine/stack_sampler.py), read by bench.stack_report.
     "stacks": (["runtime.env_vars.PIPELINE_STACK_SAMPLES='{workdir}/stacks'"], None),
 }
 DEFAULT_RUNS = "plain-fp8,pipeline-fp8,pipeline-bf16,plain-bf16,pipeline-fp8-stock-images"

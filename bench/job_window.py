@@ -1,7 +1,7 @@
 """The job-level benchmark's arithmetic: the steady-state window, how far preparation ran ahead, cost.
 
 Pure functions over what a run recorded (bench/job_run.py): the job's output lines, each with the time it
-arrived, and the `finished_at` of every output row. Unit-tested in tests/unit/test_bench_job_window.py.
+arrived, and the `finished_at` of every output row. Unit-tested in tests/unit/bench/test_bench_job_window.py.
 
 Where the job exposes preparation: Ray Data's own progress log. With stdout not a terminal, Ray Data logs
 every operator's `row_outputs_taken` (rows it produced that the next operator took) every

@@ -1,4 +1,4 @@
-"""Host time per engine step spent rebuilding image ranges, vLLM's own function vs ours (pipeline/vllm_patches.py).
+"""Host time per engine step spent rebuilding image ranges, vLLM's own function vs ours (pipeline/engine/patches.py).
 
     python -m bench.mm_range_cost [--requests 250 490] [--repeat 20]
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from vllm.multimodal.inputs import PlaceholderRange
 
-    from pipeline.vllm_patches import cache_embeds_ranges
+    from pipeline.engine.patches import cache_embeds_ranges
 
     cache_embeds_ranges()
     patched = PlaceholderRange.extract_embeds_range

@@ -57,7 +57,7 @@ def vllm_cli_args(kwargs: dict) -> list[str]:
 def server_engine_kwargs(overrides: list[str], checkpoint: str, tp: int) -> dict:
     """The batch job's engine arguments for this checkpoint and overrides, at tensor-parallel size `tp`."""
     from pipeline.config import PipelineConfig
-    from pipeline.engine import engine_kwargs
+    from pipeline.engine.args import engine_kwargs
 
     config = PipelineConfig.load(overrides=bench_overrides(checkpoint, overrides)).with_absolute_paths()
     return {**engine_kwargs(config), "tensor_parallel_size": tp}

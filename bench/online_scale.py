@@ -6,7 +6,7 @@ warmed up (or a time limit), then holds it `after_s` longer so both replicas ser
 line of the request log: wall-clock start and end, the number of streams at its start, latency and
 time to first token, and its outcome ("ok" or the error's kind and message). The replicas' timeline comes
 from the same server log: Serve's "Adding 1 replica" decisions and each engine replica's warm-up lines
-(`pipeline.serve_warmup` logs them with the replica's id), with their wall-clock times.
+(`pipeline.serve.warmup` logs them with the replica's id), with their wall-clock times.
 
 The runner on the card (`bench/online_gpu.py`, target `ours-scale`) starts `jobs.serve` with two
 replicas allowed on one GPU (`engine.gpu_share=0.5`) and calls this.

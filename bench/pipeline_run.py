@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.parquet as pq
     import vllm
 
-    from pipeline import records as R
-    from pipeline.batch import build_caption_dataset, plan_input, plan_model
+    from pipeline.io import records as R
+    from pipeline.batch.caption import build_caption_dataset, plan_input, plan_model
     from pipeline.config import PipelineConfig
-    from pipeline.runtime import init_ray
-    from pipeline.vllm_patches import range_cache_enabled
+    from pipeline.ops.runtime import init_ray
+    from pipeline.engine.patches import range_cache_enabled
 
     overrides = bench_overrides(args.checkpoint, args.overrides)
     config = PipelineConfig.load(overrides=overrides).with_absolute_paths()

@@ -7,7 +7,7 @@ graphs) with vLLM's defaults otherwise, as measured for the GPU baseline (docs/n
 (PIL, 896 x 896): the most favourable input for plain vLLM, so the baseline is conservative.
 
 It is vLLM as shipped: our vLLM plugin, installed on the benchmark machine for the pipeline, loads in
-every vLLM process, and would apply our patch (pipeline/vllm_patches.py) here too. It is switched off
+every vLLM process, and would apply our patch (pipeline/engine/patches.py) here too. It is switched off
 unless PIPELINE_VLLM_RANGE_CACHE is set. (Plain runs before 2026-11-27's second lease had no patch
 to switch off; those of that lease ran with it, which made plain vLLM faster, not slower.)
 """
@@ -33,17 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-n", type=int, default=64,
                         help="requests to profile; 256, one whole wave at max_num_seqs 256, shows the steady state")
     parser.add_argument("--range-cache", action="store_true",
-                        help="with our vLLM patch (pipeline/vllm_patches.py), as the pipeline runs: the engine alone")
+                        help="with our vLLM patch (pipeline/engine/patches.py), as the pipeline runs: the engine alone")
     args = parser.parse_args(argv)
 
     import os
 
-    from pipeline.vllm_patches import ENV_SWITCH, range_cache_enabled
+    from pipeline.engine.patches import ENV_SWITCH, range_cache_enabled
 
     # Before vLLM starts its engine process, which inherits them.
     os.environ[ENV_SWITCH] = "1" if args.range_cache else os.environ.get(ENV_SWITCH, "0")
     if args.profile_dir:
-        # vLLM's own ranges (and our vision tower's, pipeline/vllm_gemma3.py) in the trace, for
+        # vLLM's own ranges (and our vision tower's, pipeline/engine/gemma3.py) in the trace, for
         # bench.profile_breakdown; outside the profiler they cost a few microseconds per step.
         os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     import io

@@ -3,10 +3,10 @@
     python -m bench.prepare_cost [--model DIR] [--images 24] [--repeats 5] [--rate 27.2] [--json PATH]
 
 Every stage is the pipeline's own code, called in this process on the workload's images: Ray Data's
-parquet read (pyarrow), a fetch of a local file by path (`pipeline.fetch.Fetcher`), the decode (with and
-without JPEG draft mode) and resize that `pipeline.images.prepare_image` does, the whole `PrepareRecords`
+parquet read (pyarrow), a fetch of a local file by path (`pipeline.io.fetch.Fetcher`), the decode (with and
+without JPEG draft mode) and resize that `pipeline.io.images.prepare_image` does, the whole `PrepareRecords`
 UDF, the processor's preprocess (`RequestBuilder`), ray.data.llm's prepare-multimodal, chat-template and
-tokenize UDFs as `pipeline.batch` builds them, and the engine actor's front-end work per request: vLLM's
+tokenize UDFs as `pipeline.batch.caption` builds them, and the engine actor's front-end work per request: vLLM's
 `InputProcessor.process_inputs` (the Gemma 3 multimodal processor as our plugin configures it) and the
 msgpack encoding of the request for the engine core.
 
@@ -145,11 +145,11 @@ def measure(workload: Workload, config, processor_stages: dict[str, Any], vllm_c
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline import images as I
-    from pipeline import records as R
-    from pipeline.engine_rows import RequestBuilder
-    from pipeline.fetch import Fetcher
-    from pipeline.prepare import PrepareRecords
+    from pipeline.io import images as I
+    from pipeline.io import records as R
+    from pipeline.stages.engine_rows import RequestBuilder
+    from pipeline.io.fetch import Fetcher
+    from pipeline.stages.prepare import PrepareRecords
 
     target = I.ImageTarget(896)
     limits = config.images
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vllm.plugins import load_general_plugins
 
     from bench.common import W1_PROMPT, camera_image_bytes, w1_image_bytes
-    from pipeline.batch import _stage_overrides, processor_config
+    from pipeline.batch.caption import _stage_overrides, processor_config
     from pipeline.config import PipelineConfig
-    from pipeline.engine import engine_kwargs
+    from pipeline.engine.args import engine_kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="prepare-cost-"))
     config = PipelineConfig.load("configs/tiny-cpu.yaml", [

@@ -7,7 +7,7 @@ per engine process) and sums the GPU kernels' time into the parts that docs/perf
 floor (`bench.floor`) talk about:
 
 - the vision tower and projector: every kernel launched inside the `VISION_SCOPE` range that our Gemma 3
-  variant (`pipeline.vllm_gemma3`) opens around its image path, split into its GEMMs, its attention
+  variant (`pipeline.engine.gemma3`) opens around its image path, split into its GEMMs, its attention
   and the rest (layer norms, GELU, adds: run eagerly);
 - the decoder's attention (vLLM's Triton `unified_attention`, the one backend it allows Gemma 3 with images)
   and its KV-cache writes;
@@ -34,7 +34,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-# Opened by pipeline.vllm_gemma3 around the image path (a constant here too: this module must not need vLLM).
+# Opened by pipeline.engine.gemma3 around the image path (a constant here too: this module must not need vLLM).
 VISION_SCOPE = "gemma3: vision tower and projector"
 STEP_RANGE = re.compile(r"^execute_context_(\d+)\(\d+\)_generation_(\d+)\(\d+\)$")
 

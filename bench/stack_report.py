@@ -1,4 +1,4 @@
-"""Read the host-time samples of `pipeline.stack_sampler` (the benchmark's `stacks` knob): where one
+"""Read the host-time samples of `pipeline.engine.stack_sampler` (the benchmark's `stacks` knob): where one
 process's thread spends its time, over the windows of the steady state.
 
     python -m bench.stack_report DIR [--process VLLM::] [--thread MainThread] [--skip 6] [--top 25]

@@ -87,10 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import InputError, OutputExistsError, OutputInUseError, load_input_list
-    from pipeline.batch_job import run_batch_job
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.engine_start import start_failure_in
+    from pipeline.batch.caption import InputError, OutputExistsError, OutputInUseError, load_input_list
+    from pipeline.batch.job import run_batch_job
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.engine.start import start_failure_in
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
     overrides += [f"openai_batch.{name}_format={value}" for name, value in
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         config = PipelineConfig.load(args.config, overrides)
         inputs = load_input_list(config, args.input_list) if args.input_list else args.input
         if args.dry_run:
-            from pipeline.plan import format_plan, plan_run
+            from pipeline.batch.plan import format_plan, plan_run
 
             print(format_plan(plan_run(config, inputs[0] if len(inputs) == 1 else inputs, args.output,
                                        overwrite=args.overwrite)))

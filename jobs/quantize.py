@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.quantize import QuantizeError, QuantizeOptions, VerificationError, run_quantize
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.quantize.make import QuantizeError, QuantizeOptions, VerificationError, run_quantize
 
     options = QuantizeOptions(device=args.device, max_workers=args.max_workers, work_dir=args.work_dir,
                               overwrite=args.overwrite,

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--billed-gpus", type=int, help="GPUs paid for during the run (report.billed_gpus)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import MANIFEST_NAME
-    from pipeline.report import write_report
-    from pipeline.storage import join, read_json
+    from pipeline.batch.caption import MANIFEST_NAME
+    from pipeline.report.build import write_report
+    from pipeline.io.storage import join, read_json
 
     storage = PipelineConfig.load().storage  # where to read from: this environment's endpoint
     manifest = read_json(storage, join(args.output, MANIFEST_NAME))

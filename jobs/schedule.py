@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_runner(args: argparse.Namespace, config: PipelineConfig):
-    from pipeline.schedule import InProcessRunner, SubmittedRunner
-    from pipeline.submit import JobRequest, find_auth_token
+    from pipeline.ops.schedule import InProcessRunner, SubmittedRunner
+    from pipeline.ops.submit import JobRequest, find_auth_token
 
     if not args.submit_to:
         return InProcessRunner(config)
@@ -83,9 +83,9 @@ def build_runner(args: argparse.Namespace, config: PipelineConfig):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.schedule import (ScheduleError, TickRequest, check_cron, check_prefixes, query_job_state,
+    from pipeline.ops.schedule import (ScheduleError, TickRequest, check_cron, check_prefixes, query_job_state,
                                    run_schedule, run_tick)
-    from pipeline.submit import find_auth_token
+    from pipeline.ops.submit import find_auth_token
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
     try:

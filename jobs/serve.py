@@ -38,8 +38,8 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.serve import run_serve
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.serve.app import run_serve
 
     overrides = list(args.overrides) + ([f"model.source={args.model}"] if args.model else [])
     # Installed right after ray.init, which puts in its own SIGTERM handler, and before the app deploys:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import PipelineConfig
-from pipeline.storage import join, make_filesystem, read_json, write_bytes
+from pipeline.io.storage import join, make_filesystem, read_json, write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 def write_gallery(config: PipelineConfig, output: str, manifest: dict, html_uri: str, ids: list[str] | None,
                   sample: int | None, seed: int | None) -> int:
     """The gallery page of the rows named by `ids`, or of `sample` rows picked by their seeded sample keys."""
-    from pipeline import records as R
-    from pipeline.gallery import sample_keys
-    from pipeline.report import gallery_entries, load_output_columns, load_rows, run_default_prompt
-    from pipeline.report_html import gallery_page
+    from pipeline.io import records as R
+    from pipeline.report.gallery import sample_keys
+    from pipeline.report.build import gallery_entries, load_output_columns, load_rows, run_default_prompt
+    from pipeline.report.html import gallery_page
 
     table = load_output_columns(config, output)
     if ids is not None:

@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.submit import (DEFAULT_EXCLUDES, JobRequest, SubmitError, env_reference, find_auth_token, job_client,
+from pipeline.ops.submit import (DEFAULT_EXCLUDES, JobRequest, SubmitError, env_reference, find_auth_token, job_client,
                              submit_job, wait_for_job)
 
 logger = logging.getLogger("jobs.submit")

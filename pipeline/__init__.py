@@ -10,20 +10,20 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .config import ConfigError, PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 
 __all__ = ["PipelineConfig", "ConfigError", "build_caption_dataset", "run_caption", "output_schema", "build_app",
            "run_serve", "run_quantize", "run_batch_job", "run_openai_batch"]
 
 _LAZY = {
-    "build_caption_dataset": "pipeline.batch",
-    "run_caption": "pipeline.batch",
-    "output_schema": "pipeline.records",
-    "build_app": "pipeline.serve",
-    "run_serve": "pipeline.serve",
-    "run_quantize": "pipeline.quantize",  # needs the quantize environment (llm-compressor) to run
-    "run_batch_job": "pipeline.batch_job",  # parquet records or OpenAI Batch files, by input format
-    "run_openai_batch": "pipeline.openai_batch_run",
+    "build_caption_dataset": "pipeline.batch.caption",
+    "run_caption": "pipeline.batch.caption",
+    "output_schema": "pipeline.io.records",
+    "build_app": "pipeline.serve.app",
+    "run_serve": "pipeline.serve.app",
+    "run_quantize": "pipeline.quantize.make",  # needs the quantize environment (llm-compressor) to run
+    "run_batch_job": "pipeline.batch.job",  # parquet records or OpenAI Batch files, by input format
+    "run_openai_batch": "pipeline.batch.openai_batch",
 }
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .ports import free_ports
+from pipeline.testing.ports import free_ports
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from .ports import free_ports
-from .ray_head import LocalRayHead
+from pipeline.testing.ports import free_ports
+from pipeline.testing.ray_head import LocalRayHead
 
 logger = logging.getLogger(__name__)
 

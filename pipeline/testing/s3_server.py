@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .ports import free_ports
+from pipeline.testing.ports import free_ports
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpoint_layout import to_google_layout
+from pipeline.engine.checkpoint_layout import to_google_layout
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def build_gemma3(out_dir: str | os.PathLike, shape: Gemma3Shape = TINY, *, devic
 
     `layout`: "google" keeps SigLIP under `vision_tower.vision_model.*`, as the published checkpoints do;
     "transformers" leaves it where transformers 5's `save_pretrained` puts it (`vision_tower.*`), as any
-    fine-tune saved today has it (pipeline.checkpoint_layout).
+    fine-tune saved today has it (pipeline.engine.checkpoint_layout).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)}")

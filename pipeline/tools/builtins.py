@@ -13,8 +13,8 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Any, Callable, Optional
 
-from ..config import PipelineConfig, StorageSection, TableSection, ToolsSection
-from .registry import Tool, ToolContext, ToolFailure, ToolRegistry
+from pipeline.config import PipelineConfig, StorageSection, TableSection, ToolsSection
+from pipeline.tools.registry import Tool, ToolContext, ToolFailure, ToolRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_table_index(spec: TableSection, storage: StorageSection) -> dict[str, l
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from ..storage import make_filesystem
+    from pipeline.io.storage import make_filesystem
 
     fs, path = make_filesystem(storage, spec.path)
     if spec.path.lower().endswith(".csv"):

@@ -2,7 +2,7 @@
 
 Engine-agnostic: the caller passes `generate(round, messages, request)`, `request` being the round's tool
 request (a forced choice holds for the first round only), which the engine turns into its own constraint;
-so the same loop runs inside a Ray engine replica (pipeline.tool_stages) and in unit tests. A round ends
+so the same loop runs inside a Ray engine replica (pipeline.stages.tools) and in unit tests. A round ends
 the chain when the model answers without calls, when a call is invalid (the record becomes an
 `invalid_tool_call` error, transcript kept), when a call names a tool the pipeline cannot run (the
 record's own tools: the calls are returned for the user to run), or after `max_rounds` turns.
@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
-from .parser import ParsedOutput, ToolCall
-from .registry import ToolContext, ToolRegistry
-from .request import ToolRequest, interpret_turn
+from pipeline.tools.parser import ParsedOutput, ToolCall
+from pipeline.tools.registry import ToolContext, ToolRegistry
+from pipeline.tools.request import ToolRequest, interpret_turn
 
 logger = logging.getLogger(__name__)
 

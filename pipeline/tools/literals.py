@@ -2,7 +2,7 @@
 
 `pipeline.tools` is pure logic (the job's driver and the unit tests use it without the engine stack), so
 these follow vLLM 0.29's `vllm.tool_parsers.utils.escape_ctrl_chars_in_strings` and `get_parameter_value`
-rule for rule, and tests/unit/test_tool_parser.py compares them with vLLM's own on the same inputs: a vLLM
+rule for rule, and tests/unit/tools/test_tool_parser.py compares them with vLLM's own on the same inputs: a vLLM
 upgrade that changes what a call argument may be fails that test instead of drifting silently.
 
 - `escape_control_chars_in_strings`: models put raw newlines, tabs or NUL bytes inside string arguments;

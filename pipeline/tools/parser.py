@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .literals import NotALiteral, escape_control_chars_in_strings, literal_value
+from pipeline.tools.literals import NotALiteral, escape_control_chars_in_strings, literal_value
 
 logger = logging.getLogger(__name__)
 

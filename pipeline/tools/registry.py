@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from .parser import ToolCall, schema_problems
+from pipeline.tools.parser import ToolCall, schema_problems
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ carry, a choice naming no offered tool) with a message naming the problem, befor
 spent. A forced choice ('required' or a name) is decoded and read exactly as vLLM's OpenAI server does
 it, so batch and online give the same calls: guided JSON (the arguments object, or a list of
 {"name", "parameters"}) rather than the pythonic list. The guided-JSON schema itself is vLLM's, derived
-on the engine side (pipeline.tool_stages.structured_outputs): this package imports no vLLM.
+on the engine side (pipeline.stages.tools.structured_outputs): this package imports no vLLM.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .parser import CallError, CallProblem, ParsedOutput, ToolCall, check_calls, parse_tool_calls
+from pipeline.tools.parser import CallError, CallProblem, ParsedOutput, ToolCall, check_calls, parse_tool_calls
 
 ToolChoice = Union[str, dict[str, Any]]
 CHOICES = ("auto", "none", "required")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..config import ToolsSection
+from pipeline.config import ToolsSection
 
 PACKAGED_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "gemma3_tools.jinja"
 

@@ -5,7 +5,7 @@ on one shape, a tokenizer edge case in a native library). None can be produced o
 random-weight model on CPU, so this plugin stands in for the fault itself, and only for it: the request
 reaches vLLM's real engine core, which dies by SIGKILL as a segfaulting process would; vLLM's front-end
 then raises its real EngineDeadError, Ray's engine UDF exits its actor, Ray restarts it and retries the
-task, and pipeline.faults must isolate the record. Everything around the fault is real.
+task, and pipeline.stages.crash_isolation must isolate the record. Everything around the fault is real.
 
 Off unless the variable named by FAKE_POISON_ENV holds comma-separated token ids (the test sets it in the
 job's own environment, which the embedded Ray cluster's workers inherit and vLLM's engine core from them):

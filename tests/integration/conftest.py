@@ -2,7 +2,7 @@
 more here, so one `python -m jobs.serve` serves both and stops after the last integration test."""
 import pytest
 
-from pipeline.serve_limits import key_id
+from pipeline.serve.limits import key_id
 from tests.conftest import serve_endpoint
 
 SERVE_E2E_KEYS = ("first-test-key", "second-test-key")

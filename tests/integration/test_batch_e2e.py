@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StorageSection
-from pipeline.storage import make_filesystem
+from pipeline.io.storage import make_filesystem
 from pipeline.testing.sample_data import sample_images
 from tests.conftest import TINY_CPU_CONFIG, run_job
 
@@ -137,7 +137,7 @@ def test_caption_job_on_s3_with_bad_records(tmp_path, tiny_model, s3_server, s3_
     # error rows, not tracebacks). The engine processes' own stderr is read too, once they are all gone:
     # what they print after the driver has exited never reaches its stderr. Ray killed the resource
     # tracker with the engine actor's children, and vLLM's Worker, unregistering its shared memory in a
-    # new one, printed a `KeyError: '/psm_...'` traceback (pipeline.shm_tracker).
+    # new one, printed a `KeyError: '/psm_...'` traceback (pipeline.engine.shm_tracker).
     assert "Traceback" not in result.stderr, result.stderr[-6000:]
     worker_logs = finished_worker_logs(ray_tmp)
     assert "resource_tracker: process died unexpectedly" not in worker_logs, worker_logs[-6000:]

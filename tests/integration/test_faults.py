@@ -35,7 +35,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StorageSection
-from pipeline.storage import make_filesystem
+from pipeline.io.storage import make_filesystem
 from tests.conftest import OFFLINE_ENV, ROOT, TINY_CPU_CONFIG
 from tests.fault_injection.fake_poison import FAKE_POISON_ENV
 

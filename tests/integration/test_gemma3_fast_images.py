@@ -4,9 +4,9 @@ import torch
 from transformers import AutoProcessor
 
 from pipeline.config import ImageSection
-from pipeline.images import image_target, prepare_image
+from pipeline.io.images import image_target, prepare_image
 from pipeline.testing.sample_data import sample_images
-from pipeline.vllm_gemma3 import Uint8ImageProcessor, normalise_uint8_pixels, pixel_normalisation
+from pipeline.engine.gemma3 import Uint8ImageProcessor, normalise_uint8_pixels, pixel_normalisation
 
 pytestmark = pytest.mark.integration
 

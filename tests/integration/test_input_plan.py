@@ -1,5 +1,5 @@
 """The input scan before a job: rows, duplicated ids and rows without id, counted in the driver for small
-inputs and by Ray Data's groupby on Ray's workers for large ones (pipeline/batch.py). Both ways must
+inputs and by Ray Data's groupby on Ray's workers for large ones (pipeline/batch/caption.py). Both ways must
 agree, row for row, on the same files: here a three-file input with a duplicate within a file, one
 across files, rows without id, and integer ids (counted as strings, as the job writes them); and the
 same for OpenAI Batch request files."""
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import records as R
-from pipeline.batch import plan_input
+from pipeline.io import records as R
+from pipeline.batch.caption import plan_input
 from pipeline.config import PipelineConfig
 
 
@@ -37,7 +37,7 @@ def local_ray():
 def test_driver_and_ray_count_the_same_ids(tmp_path, local_ray, id_type, caplog):
     config = PipelineConfig.load(environ={})
     path = write_input(tmp_path / "input", id_type)
-    with caplog.at_level("INFO", logger="pipeline.batch"):
+    with caplog.at_level("INFO", logger="pipeline.batch.caption"):
         in_driver = plan_input(config, path)
         on_ray = plan_input(config, path, driver_scan_max_rows=0)  # any input is "large": Ray's groupby
     assert [m.split("(counted ")[1] for m in caplog.messages if "(counted " in m] == \
@@ -49,9 +49,9 @@ def test_driver_and_ray_count_the_same_ids(tmp_path, local_ray, id_type, caplog)
 
 
 def test_openai_batch_files_driver_and_ray_count_the_same_custom_ids(tmp_path, local_ray, caplog):
-    """The same for OpenAI Batch request files (pipeline/openai_batch_run.py): a duplicate within a file
+    """The same for OpenAI Batch request files (pipeline/batch/openai_batch.py): a duplicate within a file
     and across files, a line that is not JSON, one without custom_id, and a blank line (not a line)."""
-    from pipeline.openai_batch_run import plan_requests
+    from pipeline.batch.openai_batch import plan_requests
 
     directory = tmp_path / "requests"
     directory.mkdir()
@@ -59,7 +59,7 @@ def test_openai_batch_files_driver_and_ray_count_the_same_custom_ids(tmp_path, l
     (directory / "a.jsonl").write_text("\n".join([line("r1"), line("r2"), line("r2"), "{not json", ""]) + "\n")
     (directory / "b.jsonl").write_text("\n".join([line("r3"), line("r1"), json.dumps({"method": "POST"})]) + "\n")
     config = PipelineConfig.load(environ={})
-    with caplog.at_level("INFO", logger="pipeline.openai_batch_run"):
+    with caplog.at_level("INFO", logger="pipeline.batch.openai_batch"):
         in_driver = plan_requests(config, [str(directory)])
         on_ray = plan_requests(config, [str(directory)], driver_scan_max_bytes=0)
     assert [m.split("(counted ")[1] for m in caplog.messages if "(counted " in m] == \

@@ -6,8 +6,8 @@ import threading
 import pytest
 
 from pipeline.config import StorageSection
-from pipeline.ledger import Ledger, S3LedgerStore, list_input_files, open_store
-from pipeline.schedule import TickRequest, run_tick
+from pipeline.ops.ledger import Ledger, S3LedgerStore, list_input_files, open_store
+from pipeline.ops.schedule import TickRequest, run_tick
 
 pytestmark = pytest.mark.integration
 

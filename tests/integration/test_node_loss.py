@@ -33,7 +33,7 @@ import urllib.request
 import psutil
 import pytest
 
-from pipeline.faults import LEDGER_NAMESPACE
+from pipeline.stages.crash_isolation import LEDGER_NAMESPACE
 from pipeline.testing.ray_head import LocalRayHead
 from pipeline.testing.ray_nodes import LocalRayNode, running_tasks
 from tests.conftest import OFFLINE_ENV
@@ -112,7 +112,7 @@ def assert_status_line_survived(job: Job, rows: int) -> None:
 
 
 def ledger_summary(head: LocalRayHead) -> dict[str, int]:
-    """The running job's engine counts, read from its row ledger actor (pipeline/faults.py): its name from
+    """The running job's engine counts, read from its row ledger actor (pipeline/stages/crash_isolation.py): its name from
     the head's state API, its counts by a short Ray driver of its own, as `ray` tooling would."""
     query = urllib.parse.urlencode([("limit", "100"), ("filter_keys", "class_name"), ("filter_predicates", "="),
                                     ("filter_values", "RowLedger"), ("filter_keys", "state"),

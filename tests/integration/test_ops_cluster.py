@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import StorageSection
-from pipeline.ledger import SUCCEEDED, Ledger, open_store
-from pipeline.storage import make_filesystem
+from pipeline.ops.ledger import SUCCEEDED, Ledger, open_store
+from pipeline.io.storage import make_filesystem
 from pipeline.testing.ray_head import LocalRayHead
 from pipeline.testing.sample_data import sample_images
 from tests.conftest import OFFLINE_ENV, ROOT, TINY_CPU_CONFIG, run_job

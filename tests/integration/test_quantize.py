@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint import check_checkpoint, inspect_checkpoint
-from pipeline.checkpoint_layout import check_tensor_names, has_transformers_siglip, to_google_name
+from pipeline.engine.checkpoint import check_checkpoint, inspect_checkpoint
+from pipeline.engine.checkpoint_layout import check_tensor_names, has_transformers_siglip, to_google_name
 from pipeline.config import StorageSection
 from pipeline.testing.sample_data import sample_images
 from tests.conftest import TINY_CPU_CONFIG, run_job, serve_endpoint

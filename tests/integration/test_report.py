@@ -390,9 +390,9 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 
 def test_status_lines_while_running(run):
     log = run.result.stderr
-    lines = [line for line in log.splitlines() if "pipeline.progress" in line]
+    lines = [line for line in log.splitlines() if "pipeline.batch.progress" in line]
     total = run.manifest["counts"]["rows_in"]
-    running = [line for line in lines if "pipeline.progress: progress: " in line]
+    running = [line for line in lines if "pipeline.batch.progress: progress: " in line]
     assert running and all(f"/{total} rows" in line and "ETA" in line for line in running), log[-3000:]
     final = [line for line in lines if "done: " in line]
     assert len(final) == 1 and lines[-1] == final[0]
@@ -525,9 +525,9 @@ def _as_html_reads(text: str) -> str:
 
 def _input_images(run: Run) -> dict[str, Image.Image]:
     """Each good record's input image (bytes, or the allowed local file it names), by id, as the model sees
-    it (oriented by EXIF, transparency on white, 16-bit scaled: pipeline.images.prepare_image), at 32 px."""
+    it (oriented by EXIF, transparency on white, 16-bit scaled: pipeline.io.images.prepare_image), at 32 px."""
     from pipeline.config import ImageSection
-    from pipeline.images import ImageTarget, prepare_image
+    from pipeline.io.images import ImageTarget, prepare_image
 
     images = {}
     for row in pads.dataset(run.input_dir, format="parquet").to_table().to_pylist():

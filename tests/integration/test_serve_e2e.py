@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import FLOOD_KEY, FLOOD_RPM, LIMITED_KEY, LIMITED_RPM, SERVE_E2E_KEYS
-from tests.unit.test_serve_guard import png_declaring
+from tests.unit.serve.test_serve_guard import png_declaring
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import describe_image
+from pipeline.io.images import describe_image
 from tests.conftest import TINY_CPU_CONFIG, run_job
 from tests.integration.conftest import TOOLS_KEY
 
@@ -106,7 +106,7 @@ def test_batch_forced_call_runs_the_tool_and_a_second_round_answers(batch_rows):
 def test_batch_tool_choice_none_returns_the_text(batch_rows):
     # calculate and lookup are offered too (their definitions in every prompt, the table loaded by each
     # engine replica); forcing them here would leave random weights writing a free-text argument until
-    # max_tokens, so they run in tests/unit/test_tool_chain.py instead.
+    # max_tokens, so they run in tests/unit/tools/test_tool_chain.py instead.
     none = batch_rows["none"]
     assert none["error"] is None and none["text"] and none["tool_calls"] == "[]"
     assert [m["role"] for m in json.loads(none["transcript"])] == ["user", "assistant"]
@@ -158,7 +158,7 @@ def _job_config():
 
 def _user_message(image_bytes: bytes, tiny_model) -> dict:
     """The record as an OpenAI message, its image exactly as the batch job prepares it (PNG, lossless)."""
-    from pipeline.images import image_target, prepare_image
+    from pipeline.io.images import image_target, prepare_image
 
     config = _job_config()
     target = image_target(json.loads((tiny_model / "preprocessor_config.json").read_text()))

@@ -71,7 +71,7 @@ def test_production_config_asks_for_no_more_gpus_than_the_cluster_has(cluster):
     """configs/gpu-fp8.yaml's largest batch pool and Serve pool each fit the GPUs cluster.yaml can add:
     a replica count the autoscaler can never place would leave a job waiting for nodes forever."""
     from pipeline.config import PipelineConfig
-    from pipeline.engine import fixed_or_range, workers_per_replica
+    from pipeline.engine.args import fixed_or_range, workers_per_replica
 
     config = PipelineConfig.load(ROOT / "configs" / "gpu-fp8.yaml", environ={})
     worker = cluster["available_node_types"]["gpu_l40s_x4"]

@@ -14,8 +14,8 @@ from croniter import croniter
 
 from jobs import caption, schedule
 from pipeline.config import PipelineConfig, ServeSection
-from pipeline.schedule import check_prefixes
-from pipeline.submit import is_secret_name
+from pipeline.ops.schedule import check_prefixes
+from pipeline.ops.submit import is_secret_name
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ROOT = "/home/ray/gemma3-fp8-pipeline"

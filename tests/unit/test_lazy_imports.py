@@ -8,13 +8,13 @@ HEAVY = ["torch", "vllm", "transformers", "ray.data.llm", "ray.serve.llm", "llmc
 
 def test_facade_import_is_light():
     code = ("import sys, pipeline; from pipeline import PipelineConfig; PipelineConfig.load(environ={}); "
-            "import pipeline.batch, pipeline.prepare, pipeline.engine_rows, pipeline.resume, pipeline.faults; "
-            "import pipeline.progress, pipeline.metrics, pipeline.report, pipeline.report_html, pipeline.plan, jobs.report; "
-            "import pipeline.serve, pipeline.serve_guard, pipeline.serve_errors, pipeline.serve_http, jobs.serve; "
+            "import pipeline.batch.caption, pipeline.stages.prepare, pipeline.stages.engine_rows, pipeline.batch.resume, pipeline.stages.crash_isolation; "
+            "import pipeline.batch.progress, pipeline.batch.metrics, pipeline.report.build, pipeline.report.html, pipeline.batch.plan, jobs.report; "
+            "import pipeline.serve.app, pipeline.serve.guard, pipeline.serve.errors, pipeline.serve.http, jobs.serve; "
             "import pipeline.tools, pipeline.tools.chain, pipeline.tools.builtins; "
-            "import pipeline.ledger, pipeline.schedule, pipeline.submit, jobs.schedule, jobs.submit; "
-            "import pipeline.batch_job, pipeline.openai_batch, pipeline.openai_batch_output, "
-            "pipeline.openai_batch_stages, pipeline.openai_batch_run, pipeline.openai_batch_sink; "
+            "import pipeline.ops.ledger, pipeline.ops.schedule, pipeline.ops.submit, jobs.schedule, jobs.submit; "
+            "import pipeline.batch.job, pipeline.openai.batch_requests, pipeline.openai.batch_output, "
+            "pipeline.stages.openai_batch, pipeline.batch.openai_batch, pipeline.batch.openai_batch_sink; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout

@@ -1,0 +1,2 @@
+"""FP8-dynamic quantization (`make`, run in the quantize environment) and the check of its output (`verify`).
+"""
