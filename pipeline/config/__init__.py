@@ -582,7 +582,8 @@ class OpenAIBatchSection(_Section):
     max_tokens_cap: Optional[int] = Field(
         default=None, ge=1,
         description="Largest max_tokens / max_completion_tokens a request may ask for (larger is an error "
-        "line). Requests without one get sampling.max_tokens. None means half of engine.max_model_len.",
+        "line). Requests without one get sampling.max_tokens. None means half of engine.max_model_len, or "
+        "sampling.max_tokens where that is larger.",
     )
 
 
@@ -728,6 +729,12 @@ class ReportSection(_Section):
     )
 
 
+def default_max_tokens_cap(max_model_len: int) -> int:
+    """The one default of serve.max_tokens_cap and openai_batch.max_tokens_cap: half the context, leaving
+    the other half to the prompt."""
+    return max_model_len // 2
+
+
 class PipelineConfig(_Section):
     """The whole configuration. Sections: model, engine, sampling, images, fetch, storage, batch, serve,
     tools, runtime, report, openai_batch."""
@@ -754,7 +761,7 @@ class PipelineConfig(_Section):
             )
         serve = self.serve
         if serve.max_tokens_cap is None:
-            serve.max_tokens_cap = self.engine.max_model_len // 2
+            serve.max_tokens_cap = default_max_tokens_cap(self.engine.max_model_len)
         if serve.max_tokens_cap >= self.engine.max_model_len:
             raise ValueError(
                 f"serve.max_tokens_cap ({serve.max_tokens_cap}) must be below engine.max_model_len "
@@ -780,7 +787,9 @@ class PipelineConfig(_Section):
             )
         openai_batch = self.openai_batch
         if openai_batch.max_tokens_cap is None:
-            openai_batch.max_tokens_cap = max(self.sampling.max_tokens, self.engine.max_model_len // 2)
+            # Lines without max_tokens get sampling.max_tokens: the cap never refuses the default.
+            openai_batch.max_tokens_cap = max(self.sampling.max_tokens,
+                                              default_max_tokens_cap(self.engine.max_model_len))
         if openai_batch.max_tokens_cap >= self.engine.max_model_len:
             raise ValueError(
                 f"openai_batch.max_tokens_cap ({openai_batch.max_tokens_cap}) must be below engine.max_model_len "

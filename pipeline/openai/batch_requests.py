@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 
 from pipeline.config import PipelineConfig
 from pipeline.io.records import Stage
+from pipeline.openai.checks import RequestCaps, is_int
 from pipeline.tools.request import ToolRequest, ToolRequestError, build_tool_request
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
@@ -92,27 +93,35 @@ def bad_param(param: str, message: str, code: str = "invalid_value") -> LineErro
 
 
 @dataclass(frozen=True)
-class RequestLimits:
-    """What one request line is held to, from the config."""
+class RequestLimits(RequestCaps):
+    """What one request line is held to, from the config. The model, token cap and image count checks are
+    the endpoint's too (`RequestCaps`)."""
 
-    model_names: tuple[str, ...]
+    SERVED_BY = "this job serves"
+    MODEL_HINT = " (openai_batch.accepted_model_names adds names)"
+    TOKENS_SETTING = "openai_batch.max_tokens_cap"
+    IMAGES_SETTING = "engine.max_images_per_prompt"
+
     max_request_bytes: int
-    max_images: int
-    max_tokens_cap: int
     sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def refusal(code: str, message: str, param: Optional[str]) -> LineError:
+        return LineError(code, message, param=param)
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "RequestLimits":
         section = config.openai_batch
         names = (config.model.served_name, *[n for n in section.accepted_model_names if n != config.model.served_name])
         sampling = config.sampling
-        cap = section.max_tokens_cap or config.engine.max_model_len // 2
+        cap = section.max_tokens_cap  # the config's cross-checks set the default (pipeline.config)
         defaults = {"max_tokens": min(sampling.max_tokens, cap), "temperature": sampling.temperature,
                     "top_p": sampling.top_p, "top_k": sampling.top_k,
                     "repetition_penalty": sampling.repetition_penalty, "presence_penalty": 0.0,
                     "frequency_penalty": 0.0, "seed": sampling.seed, "stop": list(sampling.stop) or None,
                     "ignore_eos": sampling.ignore_eos, "structured_outputs": None}
-        return cls(names, section.max_request_bytes, config.engine.max_images_per_prompt, cap, defaults)
+        return cls(model_names=names, max_images=config.engine.max_images_per_prompt, max_tokens_cap=cap,
+                   max_request_bytes=section.max_request_bytes, sampling_defaults=defaults)
 
 
 @dataclass
@@ -177,9 +186,7 @@ def parse_body(custom_id: str, body: dict[str, Any], limits: RequestLimits) -> P
     check_fields(body)
     check_model(body.get("model"), limits)
     conversation, images, tool_turns = parse_messages(body.get("messages"))
-    if len(images) > limits.max_images:
-        raise LineError("too_many_images", f"the request has {len(images)} images; at most {limits.max_images} "
-                        "per request (engine.max_images_per_prompt)", param=images[limits.max_images][0])
+    limits.check_image_count([param for param, _ in images])
     tool_request = parse_tools(body)
     sampling = sampling_params(body, limits)
     structured = response_format_constraint(body.get("response_format"))
@@ -209,10 +216,7 @@ def check_fields(body: Mapping[str, Any]) -> None:
 def check_model(model: Any, limits: RequestLimits) -> None:
     if not isinstance(model, str) or not model:
         raise LineError("missing_required_parameter", "model is required (a string)", param="model")
-    if model not in limits.model_names:
-        raise LineError("model_not_found", f"model {model!r} does not exist; this job serves "
-                        f"{', '.join(limits.model_names)} (openai_batch.accepted_model_names adds names)",
-                        param="model")
+    limits.check_model(model)
 
 
 # ------------------------------------------------------------------------------------------- messages
@@ -356,11 +360,9 @@ def sampling_params(body: Mapping[str, Any], limits: RequestLimits) -> dict[str,
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(limit_name)
     if max_tokens is not None:
-        if not _is_int(max_tokens) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise bad_param(limit_name, f"must be an integer >= 1, got {json.dumps(max_tokens)}")
-        if max_tokens > limits.max_tokens_cap:
-            raise LineError("max_tokens_exceeded", f"{limit_name} {max_tokens} exceeds the cap of "
-                            f"{limits.max_tokens_cap} (openai_batch.max_tokens_cap)", param=limit_name)
+        limits.check_token_cap(limit_name, max_tokens)
         params["max_tokens"] = max_tokens
     for name, low, high, low_open in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True),
                                       ("presence_penalty", -2.0, 2.0, False), ("frequency_penalty", -2.0, 2.0, False),
@@ -373,11 +375,11 @@ def sampling_params(body: Mapping[str, Any], limits: RequestLimits) -> dict[str,
             raise bad_param(name, f"must be a number in {bound}, got {json.dumps(value)}")
         params[name] = float(value)
     if body.get("top_k") is not None:
-        if not _is_int(body["top_k"]) or body["top_k"] < -1:
+        if not is_int(body["top_k"]) or body["top_k"] < -1:
             raise bad_param("top_k", f"must be an integer >= -1 (0 or -1 disable it), got {json.dumps(body['top_k'])}")
         params["top_k"] = body["top_k"]
     if body.get("seed") is not None:
-        if not _is_int(body["seed"]):
+        if not is_int(body["seed"]):
             raise bad_param("seed", f"must be an integer, got {json.dumps(body['seed'])}")
         params["seed"] = body["seed"]
     stop = body.get("stop")
@@ -424,10 +426,6 @@ def response_format_constraint(response_format: Any) -> Optional[dict[str, str]]
 def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
     """`value` is one of `defaults` with the same type (so that True does not pass for 1)."""
     return value is None or any(type(value) is type(d) and value == d for d in defaults if d is not None)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -43,6 +43,7 @@ from PIL import Image
 from pipeline.config import ImageSection, PipelineConfig
 from pipeline.io.images import ImageTarget, prepare_image
 from pipeline.io.records import RecordError
+from pipeline.openai.checks import RequestCaps, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +123,15 @@ class ApiKeyCheck:
 
 # ---------------------------------------------------------------------------------------------- body
 @dataclass(frozen=True)
-class RequestPolicy:
-    """The limits one request is held to, taken from the config."""
+class RequestPolicy(RequestCaps):
+    """The limits one request is held to, taken from the config. The model, token cap and image count
+    checks are OpenAI Batch's too (`RequestCaps`)."""
 
-    model_names: tuple[str, ...]
+    SERVED_BY = "this endpoint serves"
+    TOKENS_SETTING = "serve.max_tokens_cap"
+    IMAGES_SETTING = "serve.max_images_per_request"
+
     max_body_bytes: int
-    max_images: int
-    max_tokens_cap: int
     allowed_image_domains: frozenset[str]
     image_limits: ImageSection = field(default_factory=ImageSection)
     image_target: ImageTarget = field(default_factory=ImageTarget)
@@ -136,6 +139,10 @@ class RequestPolicy:
     max_prompts: int = 1
     max_json_depth: int = 64
     image_decode_concurrency: int = 2
+
+    @staticmethod
+    def refusal(code: str, message: str, param: Optional[str]) -> ApiError:
+        return bad_request(message, param, code)
 
     @classmethod
     def from_config(cls, config: PipelineConfig, image_target: Optional[ImageTarget] = None) -> "RequestPolicy":
@@ -258,27 +265,22 @@ def check_integer_fields(body: dict[str, Any]) -> None:
     """OpenAI's schema makes these integers; pydantic would coerce 5.0 or "5" and slip past the caps."""
     for name in INTEGER_FIELDS:
         value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is not None and not is_int(value):
             shown = json.dumps(value)
             raise bad_request(f"{name} must be an integer, got {shown if len(shown) <= 40 else shown[:40] + '...'}",
                               name, "invalid_type")
 
 
 def check_model(body: dict[str, Any], policy: RequestPolicy) -> None:
-    # OpenAI answers an unknown model with 404 model_not_found; issue #4 asks for a 400 for every bad
-    # input, so this is a 400 that keeps OpenAI's code.
+    """The model is optional here (vLLM serves its one model); a named one must be ours."""
     model = body.get("model")
-    if model is not None and model not in policy.model_names:
-        raise bad_request(f"model {model!r} does not exist; this endpoint serves {', '.join(policy.model_names)}",
-                          "model", "model_not_found")
+    if model is not None:
+        policy.check_model(model)
 
 
 def check_token_limits(body: dict[str, Any], policy: RequestPolicy) -> None:
     for name in TOKEN_LIMIT_FIELDS:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > policy.max_tokens_cap:
-            raise bad_request(f"{name} {value} exceeds the cap of {policy.max_tokens_cap} "
-                              "(serve.max_tokens_cap)", name, "max_tokens_exceeded")
+        policy.check_token_cap(name, body.get(name))
 
 
 def count_prompts(prompt: Any) -> int:
@@ -345,9 +347,7 @@ def check_messages(messages: Any, policy: RequestPolicy) -> list[tuple[str, dict
                                   f"{', '.join(ALLOWED_PART_TYPES)})", f"{param}.type", "unsupported_content_type")
             if kind == "image_url":
                 images.append((param, part))
-    if len(images) > policy.max_images:
-        raise bad_request(f"the request has {len(images)} images; at most {policy.max_images} per request "
-                          "(serve.max_images_per_request)", images[policy.max_images][0], "too_many_images")
+    policy.check_image_count([param for param, _ in images])
     for param, part in images:
         image_url = part.get("image_url")
         url = image_url.get("url") if isinstance(image_url, dict) else image_url
