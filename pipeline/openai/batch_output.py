@@ -68,7 +68,7 @@ def error_line(ids: LineIds, custom_id: Optional[str], error: LineError, line: i
     if error.status is None:
         return {"id": ids.batch_request, "custom_id": custom_id, "response": None,
                 "error": {"code": error.code, "message": error.message, "line": line}}
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    body = error.body()
     return {"id": ids.batch_request, "custom_id": custom_id,
             "response": {"status_code": error.status, "request_id": ids.request, "body": body}, "error": None}
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 from pipeline.config import PipelineConfig
 from pipeline.io.records import Stage
 from pipeline.openai.checks import RequestCaps, is_int
+from pipeline.openai.errors import OpenAIError
 from pipeline.tools.request import ToolRequest, ToolRequestError, build_tool_request
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
@@ -59,18 +60,13 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
 
 
-class LineError(Exception):
+class LineError(OpenAIError):
     """A line that does not run. `status` None: the line is not a usable request (file-level error);
     otherwise the HTTP status the API would answer the request with."""
 
     def __init__(self, code: str, message: str, *, status: Optional[int] = 400, param: Optional[str] = None,
                  type: str = "invalid_request_error", stage: Stage = Stage.VALIDATE):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.param = param
-        self.type = type
+        super().__init__(message, status=status, code=code, param=param, type=type)
         self.stage = stage
 
     def to_json(self) -> str:

@@ -13,15 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-
-class RequestCheckError(Exception):
-    """A refused request: `code`, `message` and `param` as in an OpenAI error body (status 400)."""
-
-    def __init__(self, code: str, message: str, param: Optional[str]):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
+from pipeline.openai.errors import OpenAIError
 
 
 def is_int(value: Any) -> bool:
@@ -47,7 +39,7 @@ class RequestCaps:
     @staticmethod
     def refusal(code: str, message: str, param: Optional[str]) -> Exception:
         """The exception a refusal raises; front ends return their own error type."""
-        return RequestCheckError(code, message, param)
+        return OpenAIError(message, status=400, code=code, param=param)
 
     def check_model(self, model: Any) -> None:
         # OpenAI answers an unknown model with 404 model_not_found; issue #4 asks for a 400 for every bad

@@ -17,7 +17,8 @@ import json
 import re
 from typing import Any, Optional
 
-from pipeline.serve.guard import CHAT_PATH, ApiError, error_body
+from pipeline.openai.errors import error_body
+from pipeline.serve.guard import CHAT_PATH, ApiError
 
 _RAY_WRAPPED = re.compile(r"^Message: (?P<message>.*?), Internal exception: .*$", re.DOTALL)
 _REQUEST_ID = re.compile(r"\s*\(Request ID: [^)]*\)")

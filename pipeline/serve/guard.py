@@ -44,6 +44,7 @@ from pipeline.config import ImageSection, PipelineConfig
 from pipeline.io.images import ImageTarget, prepare_image
 from pipeline.io.records import RecordError
 from pipeline.openai.checks import RequestCaps, is_int
+from pipeline.openai.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +64,13 @@ IMAGE_PROMPT_TOKENS = 256
 CHARS_PER_TOKEN = 4
 
 
-class ApiError(Exception):
-    """A request the endpoint refuses, with the OpenAI error fields."""
+class ApiError(OpenAIError):
+    """A request the endpoint refuses: an HTTP status and OpenAI's error body (`body()`), plus headers."""
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
                  type: str = "invalid_request_error", headers: Optional[list[tuple[bytes, bytes]]] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type
+        super().__init__(message, status=status, code=code, param=param, type=type)
         self.headers = headers or []
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def bad_request(message: str, param: Optional[str], code: str) -> ApiError:

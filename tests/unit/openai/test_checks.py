@@ -1,4 +1,4 @@
-"""The request checks the endpoint and OpenAI Batch share (pipeline.openai.checks): one request refused
+"""The request checks and error shape the endpoint and OpenAI Batch share (pipeline.openai.checks, .errors): one request refused
 by both front ends gets the same code, param and message, apart from the config field each names; and
 the two max_tokens caps default from one formula."""
 import json
@@ -41,6 +41,10 @@ def test_one_refusal_two_front_ends(body, code, param, online_says, batch_says):
     online, batch = both(body, config())
     assert (online.status, online.code, online.param, online.message) == (400, code, param, online_says)
     assert (batch.status, batch.code, batch.param, batch.message) == (400, code, param, batch_says)
+    # One error shape: the endpoint's response body and the batch error line's body.
+    assert online.body() == {"error": {"message": online_says, "type": "invalid_request_error", "param": param,
+                                       "code": code}}
+    assert batch.body() == {"error": {**online.body()["error"], "message": batch_says}}
 
 
 def test_too_many_images_names_the_first_image_over_the_limit():
