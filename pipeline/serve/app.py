@@ -5,10 +5,10 @@
     run_serve(config)                   start Serve on the configured Ray and deploy (blocking or not)
 
 Three deployments, two from Ray: the engine (`LLMServer`, one vLLM engine per replica, which warms up
-before it takes traffic: `serve_warmup.WarmLLMServer`) built by
+before it takes traffic: `warmup.WarmLLMServer`) built by
 `LLMConfig` from the same config as batch (`engine.serving_engine_kwargs`, `engine.placement_group`),
-and the HTTP ingress (`serve_ingress.GuardedIngress`, Ray's OpenAI ingress behind our guard); and one
-of ours, the per-key rate limiter (`serve_limits.RateLimiter`, one replica that every ingress replica asks).
+and the HTTP ingress (`ingress.GuardedIngress`, Ray's OpenAI ingress behind our guard); and one
+of ours, the per-key rate limiter (`limits.RateLimiter`, one replica that every ingress replica asks).
 
 Scaling and overload: engine replicas autoscale between serve.min_replicas and serve.max_replicas
 aiming at serve.target_ongoing_requests each (Ray's default target of 1e9 never scales up);

@@ -21,7 +21,7 @@ numbers ("max_tokens 9000 exceeds the cap of 4096"). Checked here:
 
 The checks come in two parts: `check_body` (cheap, on the event loop; its result carries the token
 estimate the rate limiter charges) and `prepare_images` (decode and fetch, blocking: a worker thread).
-Nothing here imports Ray or vLLM; `serve_ingress` wires it into the HTTP path.
+Nothing here imports Ray or vLLM; `ingress` wires it into the HTTP path.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class ApiKeyCheck:
         return len(self._digests)
 
     def check(self, authorization: Optional[str]) -> str:
-        """The key id (`serve_limits.key_id`) of the accepted key; ApiError 401 otherwise."""
+        """The key id (`limits.key_id`) of the accepted key; ApiError 401 otherwise."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",

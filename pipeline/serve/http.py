@@ -3,12 +3,12 @@
 Order per request: the API key (before anything is read), a refusal of the key's rate limit still in
 force (answered from a cache, before the body is read), the declared then the actual body size
 (reading stops at the limit), JSON parsing (depth bounded) and the cheap body checks of
-`serve_guard`, the rate limiter (one request plus the body's token estimate; 429 with Retry-After),
+`guard`, the rate limiter (one request plus the body's token estimate; 429 with Retry-After),
 then image decode and fetch on a small pool of worker threads per replica (serve.image_decode_concurrency:
 bounded memory however many images arrive at once), then the inner app receives the checked body,
 rewritten when it carried images. A request refused with a 400 still counts one request against its
 key, so a flood of bad requests is limited too. On the way out, any error response is reshaped to the
-OpenAI error body (`serve_errors`). Liveness and readiness paths stay open: probes carry no key.
+OpenAI error body (`errors`). Liveness and readiness paths stay open: probes carry no key.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ a documented field of `LLMServingArgs`, and turns that class into the FastAPI in
 of Ray's OpenAI routes, streaming and model routing (`make_fastapi_ingress`). `GuardedIngress` is that
 class: a subclass of Ray's `OpenAiIngress` that changes no route. The guard has to run before FastAPI
 reads and parses a body (the key first, then the body size, then the content), so it is ASGI
-middleware (`serve_http.GuardMiddleware`). Ray builds the FastAPI app itself and takes no middleware
+middleware (`http.GuardMiddleware`). Ray builds the FastAPI app itself and takes no middleware
 argument, so the middleware is added in `__serve_build_asgi_app__`, the hook a Serve replica calls
 after the constructor and before the app's lifespan starts (`ray/serve/_private/replica.py: _initialize_asgi_callable`; documented under
 `serve.ingress` for late-bound apps).
@@ -14,8 +14,8 @@ Rejected: an ingress deployment of our own that calls the LLM deployment handles
 routing, streaming and error code); overriding each route method (FastAPI has already read and
 validated the body by then, so a request without a key would learn about its body first).
 
-Errors: the guard answers 4xx itself (`serve_guard.ApiError`); errors raised further in (FastAPI's
-schema validation, Ray, vLLM) are reshaped on the way out by `serve_errors`, so every 4xx/5xx body is
+Errors: the guard answers 4xx itself (`guard.ApiError`); errors raised further in (FastAPI's
+schema validation, Ray, vLLM) are reshaped on the way out by `errors`, so every 4xx/5xx body is
 `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class GuardedIngress(OpenAiIngress):
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, pipeline_config: dict[str, Any],
                  rate_limiter=None, image_target: Optional[dict[str, int]] = None, **kwargs):
-        """`rate_limiter`: the handle of the shared `serve_limits.RateLimiter` deployment (Serve resolves
+        """`rate_limiter`: the handle of the shared `limits.RateLimiter` deployment (Serve resolves
         the bound deployment in these kwargs); `image_target`: the checkpoint's image size and filter."""
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         config = PipelineConfig.model_validate(pipeline_config)
