@@ -55,8 +55,9 @@ import shutil; shutil.rmtree('$W/gemma3-12b-bf16'); print('CHECKPOINT READY', fl
     cp "$ROOT/pipeline/testing/tiny_gemma3.py" "$ROOT/.gpu/kit/root/"
     # tiny_gemma3 imports pipeline.engine.checkpoint_layout (stdlib only): a bare copy under ckpt/ lets the
     # checkpoint build run before the parts (pydantic, which pipeline/__init__ needs) have arrived.
-    mkdir -p "$ROOT/.gpu/kit/root/ckpt/pipeline" && touch "$ROOT/.gpu/kit/root/ckpt/pipeline/__init__.py"
-    cp "$ROOT/pipeline/engine/checkpoint_layout.py" "$ROOT/.gpu/kit/root/ckpt/pipeline/"
+    mkdir -p "$ROOT/.gpu/kit/root/ckpt/pipeline/engine"
+    touch "$ROOT/.gpu/kit/root/ckpt/pipeline/__init__.py" "$ROOT/.gpu/kit/root/ckpt/pipeline/engine/__init__.py"
+    cp "$ROOT/pipeline/engine/checkpoint_layout.py" "$ROOT/.gpu/kit/root/ckpt/pipeline/engine/"
     find "$ROOT/.gpu/kit" -name __pycache__ -prune -exec rm -rf {} +
     git -C "$ROOT" rev-parse HEAD > "$ROOT/.gpu/kit/COMMIT"; du -sh "$ROOT/.gpu/kit"; ls "$ROOT/.gpu/kit/wheel" ;;
   part)
