@@ -78,7 +78,7 @@ class GuardedIngress(OpenAiIngress):
         app.add_exception_handler(RequestValidationError, _validation_error_response)
         app.add_exception_handler(VLLMValidationError, _vllm_validation_error_response)
         # An engine replica lost under a request (its node preempted): a retryable 503, where Ray's own
-        # handler would answer a 500 (serve_errors.LOST_REPLICA_ERRORS says why).
+        # handler would answer a 500 (errors.LOST_REPLICA_ERRORS says why).
         for lost in (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError):
             app.add_exception_handler(lost, _lost_replica_response)
         app.add_api_route("/health", _health, methods=["GET"])

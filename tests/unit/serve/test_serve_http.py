@@ -28,7 +28,7 @@ def fake_openai_app() -> FastAPI:
     an engine (the integration tests run that one). It echoes what reached it and produces the error
     shapes Ray and Serve produce."""
     app = FastAPI()
-    # As serve_ingress registers it: a lost replica before the response is a 503. Once a stream has begun,
+    # As ingress.py registers it: a lost replica before the response is a 503. Once a stream has begun,
     # Starlette re-raises such a handled error as RuntimeError("Caught handled exception, but response
     # already started.") from it, which is what reaches the guard.
     app.add_exception_handler(ActorDiedError, lambda request, exc: JSONResponse({"error": {}}, status_code=503))
@@ -292,7 +292,7 @@ def test_a_replica_lost_mid_stream_ends_the_stream_with_an_error_event(client):
 @pytest.mark.parametrize("error, status", [(ActorDiedError(), 503), (KeyError("a bug"), None)])
 def test_a_replica_lost_before_the_response_is_a_retryable_503(error, status):
     """An app that fails before it answers (no FastAPI under the guard here: Ray's ingress turns its route
-    errors into responses itself, serve_ingress registers the 503 for a lost replica there)."""
+    errors into responses itself, ingress.py registers the 503 for a lost replica there)."""
     async def failing_app(scope, receive, send):
         raise error
 
