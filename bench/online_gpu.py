@@ -236,7 +236,8 @@ def run_target(target: str, args, images: list[str], camera: list[str], key: str
     record = {"target": target, "command": " ".join(shown), "card": card_name(), "versions": versions(),
               "checkpoint": args.checkpoint, "workload": "W1-online: one 896 px JPEG + short prompt -> 128 tokens"}
     log_path = Path(args.workdir) / f"server-{target}.log"
-    env = {**os.environ, **env_add}
+    # Engine stats every 2 s (vLLM's default is 10, longer than a level), on both sides alike.
+    env = {**os.environ, "VLLM_LOG_STATS_INTERVAL": "2", **env_add}
     process = subprocess.Popen(command, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True, cwd=args.workdir)
     base = f"http://127.0.0.1:{port}"
@@ -257,15 +258,13 @@ def run_target(target: str, args, images: list[str], camera: list[str], key: str
         asyncio.run(load([f"{base}/v1"], images[-260:-4], max(levels), 10, 16, api_key=key))
         record["levels"] = []
         for streams in levels:
-            result = asyncio.run(load([f"{base}/v1"], images[:-260], streams, args.duration_s,
-                                      GENERATED_TOKENS, api_key=key))
+            result = probed_level(f"{base}/v1", images[:-260], streams, args.duration_s, key, log_path)
             record["levels"].append(result)
             report_level(target, "W1", result)
         if camera:
             # W2: the same request with a camera-sized photo; every request a distinct image (see
             # camera_image_bytes), so neither server's processed-image cache answers for the resize.
-            result = asyncio.run(load([f"{base}/v1"], camera, args.camera_streams, args.duration_s,
-                                      GENERATED_TOKENS, api_key=key))
+            result = probed_level(f"{base}/v1", camera, args.camera_streams, args.duration_s, key, log_path)
             result["distinct_images"] = len(camera)
             record["camera"] = result
             report_level(target, "W2", result)
@@ -274,9 +273,54 @@ def run_target(target: str, args, images: list[str], camera: list[str], key: str
         print(f"[{target}] FAILED {record['failed']}", flush=True)
     finally:
         stop(process)
+        record["log_facts"] = log_facts(log_path)
         tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
         record["server_log_tail"] = tail.replace(key, "K")  # vLLM prints its non-default args, the key too
     return record
+
+
+def cpu_top(lines: int = 16) -> str:
+    """The busiest processes over two seconds (top's second sample: the first is since boot). Says
+    whether a front-end process (our ingress, Serve's replica, `vllm serve`'s API server) is at 100% of
+    a core while the GPU waits."""
+    try:
+        out = subprocess.run(["top", "-b", "-n", "2", "-d", "2", "-w", "200", "-c"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return ""
+    last = out.rsplit("top - ", 1)[-1].splitlines()
+    return "\n".join(line.rstrip()[:200] for line in last[:6 + lines])
+
+
+def probed_level(url: str, images: list[str], streams: int, duration_s: float, key: str, log_path: Path) -> dict:
+    """One load level, with a CPU snapshot from its middle and the engine's stats lines logged during it."""
+    import threading
+
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    probe: dict = {}
+    sampler = threading.Thread(target=lambda: (time.sleep(duration_s / 2), probe.update(top=cpu_top())), daemon=True)
+    sampler.start()
+    result = asyncio.run(load([url], images, streams, duration_s, GENERATED_TOKENS, api_key=key))
+    sampler.join(timeout=30)
+    result["cpu_top"] = probe.get("top", "")
+    with open(log_path, errors="replace") as log:
+        log.seek(offset)
+        result["engine_stats"] = [line.strip()[-260:] for line in log if "throughput:" in line][-10:]
+    return result
+
+
+# Lines of a server log that say how its engine runs: which executor, whether steps are scheduled ahead
+# (async scheduling), CUDA graphs, the stats lines.
+LOG_FACTS = ("executor class", "sync scheduling", "distributed_executor_backend", "CUDA graph", "cudagraph",
+             "Using max model len", "throughput:")
+
+
+def log_facts(log_path: Path, limit: int = 40) -> list[str]:
+    if not log_path.exists():
+        return []
+    found = [line.strip()[-300:] for line in log_path.read_text(errors="replace").splitlines()
+             if any(fact in line for fact in LOG_FACTS)]
+    return found[:limit // 2] + found[-limit // 2:] if len(found) > limit else found
 
 
 def scale_run(base: str, key: str, images: list[str], args, log_path: Path) -> dict:
