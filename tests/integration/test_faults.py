@@ -7,6 +7,11 @@ injected while the job runs:
   costs a couple of minutes here) the S3 server is stopped mid-write and started again;
 - a record kills the engine every time it is generated (FakePoison, see tests/fault_injection/fake_poison.py).
 
+The poison-record job runs beside the driver-kill test's jobs (each job spends most of its time starting
+processes, which leaves CPU to spare) and has finished before the S3 server is restarted: it has its own
+input and output prefixes, its own embedded Ray and its own process tree, so neither job can see the other's
+faults.
+
 Each asserts that every input row has exactly one output row, and what the manifest says about it. Faults
 are timed on what the output holds (rows committed), never on the clock. Processes are found and stopped
 only inside the job's own process tree.
@@ -203,7 +208,8 @@ def assert_exactly_once(table: pa.Table, records: list[dict], poison_ids: frozen
             assert row["text"] and row["completion_tokens"] > 0 and row["prompt_tokens"] > 256, row
 
 
-def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path):
+def test_driver_killed_at_40_percent_and_rerun_resumes(s3, tiny_model, tmp_path, poison_run):
+    # poison_run: that job starts first and runs beside these (see the module's docstring).
     records = build_records(ROWS)
     input_uri = upload(s3, "kill-driver/input", records)
     output = Output(s3, "s3://data/kill-driver/output")
@@ -255,11 +261,13 @@ class MidRunFaults:
 
 
 @pytest.fixture(scope="module")
-def mid_run_faults(s3, tiny_model, tmp_path_factory) -> MidRunFaults:
+def mid_run_faults(s3, tiny_model, tmp_path_factory, poison_run) -> MidRunFaults:
     """One job that survives two faults in turn, since each job costs a couple of minutes here: its engine
     core is SIGKILLed at ~25% of rows written; once the restarted engine writes rows again, the S3 server
     is stopped for 8 s and started again. The output also starts with what a writer killed mid-upload
-    leaves behind: parts of an object that never completes."""
+    leaves behind: parts of an object that never completes. The poison-record job has finished first, so
+    that the outage meets this job's writes only."""
+    poison_run.finish()
     with pytest.MonkeyPatch.context() as patch:  # s3_credentials, for this module-scoped run
         for key, value in s3.env().items():
             patch.setenv(key, value)
@@ -313,22 +321,47 @@ def test_s3_server_restarted_mid_write_loses_nothing(mid_run_faults, s3):
     assert "mid-run/output/killed-writer.parquet" not in keys
 
 
-def test_poison_record_is_isolated_after_bounded_retries(s3, tiny_model, tmp_path):
-    from transformers import AutoTokenizer
+class PoisonRun:
+    """The poison-record job, started when the first test of this module asks for it; `finish` waits for it."""
 
-    marker = "<mask>"  # a special token: one id, whatever surrounds it
-    marker_ids = AutoTokenizer.from_pretrained(tiny_model)(marker, add_special_tokens=False)["input_ids"]
-    records = build_records(16)
-    records[9]["prompt"] = f"Describe {marker} this image."
-    input_uri = upload(s3, "poison/input", records)
-    output = Output(s3, "s3://data/poison/output")
-    # Armed through the job's environment (its embedded Ray's workers and their engine cores inherit it), never
-    # through the config: the test-only plugin must be installed (tests/fault_injection, `make test`).
-    assert "fake_poison" in {ep.name for ep in entry_points(group="vllm.general_plugins")}, \
-        "the test-only fault injector is not installed: pip install -e tests/fault_injection"
-    job = Job(s3, tiny_model, input_uri, output.uri, tmp_path / "run.log", "--set", "batch.max_engine_attempts=2",
-              env={FAKE_POISON_ENV: ",".join(map(str, marker_ids))})
-    assert job.wait() == 0, job.log()
+    def __init__(self, s3, tiny_model: Path, log_path: Path):
+        from transformers import AutoTokenizer
+
+        marker = "<mask>"  # a special token: one id, whatever surrounds it
+        marker_ids = AutoTokenizer.from_pretrained(tiny_model)(marker, add_special_tokens=False)["input_ids"]
+        self.records = build_records(16)
+        self.records[9]["prompt"] = f"Describe {marker} this image."
+        input_uri = upload(s3, "poison/input", self.records)
+        self.output = Output(s3, "s3://data/poison/output")
+        # Armed through the job's environment (its embedded Ray's workers and their engine cores inherit it),
+        # never through the config: the test-only plugin must be installed (tests/fault_injection, `make test`).
+        assert "fake_poison" in {ep.name for ep in entry_points(group="vllm.general_plugins")}, \
+            "the test-only fault injector is not installed: pip install -e tests/fault_injection"
+        self.job = Job(s3, tiny_model, input_uri, self.output.uri, log_path, "--set", "batch.max_engine_attempts=2",
+                       env={FAKE_POISON_ENV: ",".join(map(str, marker_ids))})
+        self.returncode: int | None = None
+
+    def finish(self) -> int:
+        if self.returncode is None:
+            self.returncode = self.job.wait()
+        return self.returncode
+
+
+@pytest.fixture(scope="module")
+def poison_run(s3, tiny_model, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:  # s3_credentials, for this module-scoped run
+        for key, value in s3.env().items():
+            patch.setenv(key, value)
+        run = PoisonRun(s3, tiny_model, tmp_path_factory.mktemp("poison") / "run.log")
+    yield run
+    if run.job.process.poll() is None:  # a test that failed before waiting for it
+        run.job.kill()
+
+
+def test_poison_record_is_isolated_after_bounded_retries(poison_run):
+    run = poison_run
+    assert run.finish() == 0, run.job.log()
+    records, output = run.records, run.output
     table = output.table()
     assert_exactly_once(table, records, poison_ids=frozenset({records[9]["id"]}))
     (poison,) = [r for r in table.to_pylist() if r["error_kind"] == "poison_record"]
