@@ -77,6 +77,36 @@ def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout_
                           text=True, timeout=timeout_s)
 
 
+class BackgroundJob:
+    """`python -m module args...` as run_job runs it, started now and left running while the test goes on;
+    `result()` waits for it and returns what run_job would have. Its output goes to files under log_dir."""
+
+    def __init__(self, module: str, *args: str, log_dir: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT, python: str | Path = sys.executable):
+        full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+        full_env.pop("RAY_ADDRESS", None)
+        self.args = [str(python), "-m", module, *args]
+        self.stdout_path, self.stderr_path = log_dir / f"{module}.stdout", log_dir / f"{module}.stderr"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.process = subprocess.Popen(self.args, cwd=cwd, env=full_env, stdout=out, stderr=err,
+                                            start_new_session=True)
+
+    def result(self, timeout_s: int = 900) -> subprocess.CompletedProcess:
+        try:
+            returncode = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return subprocess.CompletedProcess(self.args, returncode, self.stdout_path.read_text(errors="replace"),
+                                           self.stderr_path.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        """SIGKILL its process group, if it still runs (a test that failed before waiting for it)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=60)
+
+
 def free_port() -> int:
     from pipeline.testing.ports import free_ports
 

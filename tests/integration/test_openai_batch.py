@@ -33,7 +33,7 @@ from openai.types.shared_params import ResponseFormatJSONSchema
 from PIL import Image
 from pydantic import TypeAdapter
 
-from tests.conftest import TINY_CPU_CONFIG, run_job
+from tests.conftest import TINY_CPU_CONFIG, BackgroundJob
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +130,10 @@ def build_requests():
 
 
 @pytest.fixture(scope="module")
-def batch_output(tmp_path_factory, tiny_model, s3_server):
+def batch_job(tmp_path_factory, tiny_model, s3_server):
+    """The job over build_requests()' files, started when the module's first test (the resume test, which
+    runs its own jobs meanwhile on other prefixes) asks for it: each job spends most of its time starting
+    processes, which leaves CPU to spare."""
     client = s3_server.client()
     client.put_object(Bucket="data", Key="openai/images/photo.jpg", Body=_image("JPEG", (640, 480), (30, 90, 200)))
     files, good, expected = build_requests()
@@ -138,11 +141,21 @@ def batch_output(tmp_path_factory, tiny_model, s3_server):
         data = ("\n".join(lines) + "\n").encode()
         body = gzip.compress(data) if name.endswith(".gz") else data
         client.put_object(Bucket="data", Key=f"openai/in/{name}", Body=body)
-    result = run_job("jobs.caption", "--input", "s3://data/openai/in/", "--output", "s3://data/openai/out",
-                     "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
-                     "--set", f"openai_batch.accepted_model_names=[{ALIAS}]",
-                     "--set", f"batch.rows_per_file={ROWS_PER_FILE}", env=s3_server.env())
+    job = BackgroundJob("jobs.caption", "--input", "s3://data/openai/in/", "--output", "s3://data/openai/out",
+                        "--config", str(TINY_CPU_CONFIG), "--model", str(tiny_model),
+                        "--set", f"openai_batch.accepted_model_names=[{ALIAS}]",
+                        "--set", f"batch.rows_per_file={ROWS_PER_FILE}", env=s3_server.env(),
+                        log_dir=tmp_path_factory.mktemp("openai-batch"))
+    yield job, files, good, expected
+    job.stop()
+
+
+@pytest.fixture(scope="module")
+def batch_output(batch_job, s3_server):
+    job, files, good, expected = batch_job
+    result = job.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    client = s3_server.client()
     written = {}
     for entry in client.list_objects_v2(Bucket="data", Prefix="openai/out/")["Contents"]:
         name = entry["Key"].rsplit("/", 1)[-1]
@@ -157,6 +170,74 @@ def _lines(written, prefix):
             for text in body.splitlines()]
 
 
+# ------------------------------------------------------------------------------------------------ resume
+KILL_LINES = 32
+
+
+def test_driver_killed_mid_run_and_rerun_gives_every_custom_id_once(tiny_model, s3_server, tmp_path, monkeypatch,
+                                                                    batch_job):
+    """The driver (its whole process tree) is SIGKILLed once a quarter of the lines are committed, and the same
+    command is rerun: every custom_id comes back exactly once across output and error files, the rerun
+    resumes (attempts: interrupted, then complete), prints the status line and writes the report. Timed on
+    what the output holds, as tests/integration/test_faults.py's parquet test is (its Job class runs both)."""
+    from tests.integration.test_faults import BUSY_ENGINE, Job
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3_server.client()
+    lines = [_line(f"req-{i:02d}", messages=[_user(f"Count to {i}.")]) for i in range(KILL_LINES - 1)]
+    lines.insert(7, "{not json")  # an error line, resumed like any other
+    for part in range(3):
+        client.put_object(Bucket="data", Key=f"openai-kill/in/requests-{part}.jsonl",
+                          Body=("\n".join(lines[part::3]) + "\n").encode())
+    prefix = "openai-kill/out/"
+
+    def committed() -> dict[str, str]:
+        listed = client.list_objects_v2(Bucket="data", Prefix=prefix).get("Contents", [])
+        return {e["Key"][len(prefix):]: client.get_object(Bucket="data", Key=e["Key"])["Body"].read().decode()
+                for e in listed if e["Key"].endswith(".jsonl")}
+
+    def committed_lines() -> int:
+        return sum(len(body.splitlines()) for body in committed().values())
+
+    args = ("s3://data/openai-kill/in/", "s3://data/" + prefix.rstrip("/"))
+    extra = (*BUSY_ENGINE, "--set", f"openai_batch.accepted_model_names=[{ALIAS}]")
+    first = Job(s3_server, tiny_model, *args, tmp_path / "run1.log", *extra)
+    first.wait_for(lambda: committed_lines() >= KILL_LINES // 4, "a quarter of the lines written")
+    first.kill()
+    written_when_killed = committed_lines()
+    assert written_when_killed < KILL_LINES, "killed before it finished"
+    attempts = json.loads(client.get_object(Bucket="data", Key=prefix + "_attempts.json")["Body"].read())
+    assert [a["status"] for a in attempts["attempts"]] == ["running"]
+
+    second = Job(s3_server, tiny_model, *args, tmp_path / "run2.log", *extra)
+    assert second.wait() == 0, second.log()
+    written = committed()
+    found = Counter(json.loads(text)["custom_id"] for body in written.values() for text in body.splitlines())
+    assert found == Counter([f"req-{i:02d}" for i in range(KILL_LINES - 1)] + [None]), found
+    assert len(_lines(written, "errors-")) == 1 and _lines(written, "errors-")[0][1]["error"]["code"] == \
+        "invalid_json_line"
+    names = sorted(written)
+    assert any(n.split("-")[1] == "001" for n in names) and any(n.split("-")[1] == "002" for n in names), \
+        "the killed attempt's files are kept, the rerun writes its own"
+    manifest = json.loads(client.get_object(Bucket="data", Key=prefix + "_manifest.json")["Body"].read())
+    assert manifest["status"] == "complete" and manifest["resume"]["exactly_once"]
+    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == KILL_LINES
+    assert sorted(f.rsplit("/", 1)[-1] for f in manifest["files"]) == names
+    first_attempt, second_attempt = manifest["attempts"]
+    assert first_attempt["status"] == "interrupted" and second_attempt["status"] == "complete"
+    assert second_attempt["mode"] == "resume" and second_attempt["rows_done_before"] >= written_when_killed
+    # Lines committed before the kill were not run again; only the rest reached the engine.
+    assert second_attempt["rows_written"] == KILL_LINES - second_attempt["rows_done_before"]
+    assert second_attempt["engine_requests"] <= KILL_LINES - second_attempt["rows_done_before"]
+    log = second.log(200_000)
+    remaining = KILL_LINES - second_attempt["rows_done_before"]
+    assert f"done: {remaining:,}/{remaining:,} rows" in log, "the status line's final count"
+    report = client.get_object(Bucket="data", Key=prefix + "_report/report.html")["Body"].read().decode()
+    assert f'data-metric="rows_out" data-value="{KILL_LINES}"' in report and "invalid_json_line" in report
+
+
+# ------------------------------------------------------------------------------------------------ batch_job's output
 def test_every_request_comes_back_once_in_the_right_file(batch_output):
     written, files, good, expected = batch_output
     outputs, errors = _lines(written, "output-"), _lines(written, "errors-")
@@ -236,69 +317,3 @@ def test_manifest_counts_what_was_written(batch_output):
     assert counts["errors_by_kind"] == dict(by_code)
     assert sorted(f.rsplit("/", 1)[-1] for f in manifest["files"]) == sorted(n for n in written if n.endswith(".jsonl"))
     assert len(manifest["input_files"]) == 2 and manifest["tokens"]["completion"] > 0
-
-
-# ------------------------------------------------------------------------------------------------ resume
-KILL_LINES = 32
-
-
-def test_driver_killed_mid_run_and_rerun_gives_every_custom_id_once(tiny_model, s3_server, tmp_path, monkeypatch):
-    """The driver (its whole process tree) is SIGKILLed once a quarter of the lines are committed, and the same
-    command is rerun: every custom_id comes back exactly once across output and error files, the rerun
-    resumes (attempts: interrupted, then complete), prints the status line and writes the report. Timed on
-    what the output holds, as tests/integration/test_faults.py's parquet test is (its Job class runs both)."""
-    from tests.integration.test_faults import BUSY_ENGINE, Job
-
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    client = s3_server.client()
-    lines = [_line(f"req-{i:02d}", messages=[_user(f"Count to {i}.")]) for i in range(KILL_LINES - 1)]
-    lines.insert(7, "{not json")  # an error line, resumed like any other
-    for part in range(3):
-        client.put_object(Bucket="data", Key=f"openai-kill/in/requests-{part}.jsonl",
-                          Body=("\n".join(lines[part::3]) + "\n").encode())
-    prefix = "openai-kill/out/"
-
-    def committed() -> dict[str, str]:
-        listed = client.list_objects_v2(Bucket="data", Prefix=prefix).get("Contents", [])
-        return {e["Key"][len(prefix):]: client.get_object(Bucket="data", Key=e["Key"])["Body"].read().decode()
-                for e in listed if e["Key"].endswith(".jsonl")}
-
-    def committed_lines() -> int:
-        return sum(len(body.splitlines()) for body in committed().values())
-
-    args = ("s3://data/openai-kill/in/", "s3://data/" + prefix.rstrip("/"))
-    extra = (*BUSY_ENGINE, "--set", f"openai_batch.accepted_model_names=[{ALIAS}]")
-    first = Job(s3_server, tiny_model, *args, tmp_path / "run1.log", *extra)
-    first.wait_for(lambda: committed_lines() >= KILL_LINES // 4, "a quarter of the lines written")
-    first.kill()
-    written_when_killed = committed_lines()
-    assert written_when_killed < KILL_LINES, "killed before it finished"
-    attempts = json.loads(client.get_object(Bucket="data", Key=prefix + "_attempts.json")["Body"].read())
-    assert [a["status"] for a in attempts["attempts"]] == ["running"]
-
-    second = Job(s3_server, tiny_model, *args, tmp_path / "run2.log", *extra)
-    assert second.wait() == 0, second.log()
-    written = committed()
-    found = Counter(json.loads(text)["custom_id"] for body in written.values() for text in body.splitlines())
-    assert found == Counter([f"req-{i:02d}" for i in range(KILL_LINES - 1)] + [None]), found
-    assert len(_lines(written, "errors-")) == 1 and _lines(written, "errors-")[0][1]["error"]["code"] == \
-        "invalid_json_line"
-    names = sorted(written)
-    assert any(n.split("-")[1] == "001" for n in names) and any(n.split("-")[1] == "002" for n in names), \
-        "the killed attempt's files are kept, the rerun writes its own"
-    manifest = json.loads(client.get_object(Bucket="data", Key=prefix + "_manifest.json")["Body"].read())
-    assert manifest["status"] == "complete" and manifest["resume"]["exactly_once"]
-    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == KILL_LINES
-    assert sorted(f.rsplit("/", 1)[-1] for f in manifest["files"]) == names
-    first_attempt, second_attempt = manifest["attempts"]
-    assert first_attempt["status"] == "interrupted" and second_attempt["status"] == "complete"
-    assert second_attempt["mode"] == "resume" and second_attempt["rows_done_before"] >= written_when_killed
-    # Lines committed before the kill were not run again; only the rest reached the engine.
-    assert second_attempt["rows_written"] == KILL_LINES - second_attempt["rows_done_before"]
-    assert second_attempt["engine_requests"] <= KILL_LINES - second_attempt["rows_done_before"]
-    log = second.log(200_000)
-    remaining = KILL_LINES - second_attempt["rows_done_before"]
-    assert f"done: {remaining:,}/{remaining:,} rows" in log, "the status line's final count"
-    report = client.get_object(Bucket="data", Key=prefix + "_report/report.html")["Body"].read().decode()
-    assert f'data-metric="rows_out" data-value="{KILL_LINES}"' in report and "invalid_json_line" in report
