@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pipeline.engine.checkpoint import check_checkpoint, check_loadable, inspect_checkpoint, read_checkpoint_file
 from pipeline.config import ConfigError, PipelineConfig, read_api_keys
-from pipeline.engine.args import placement_group, runtime_env, serving_engine_kwargs
+from pipeline.engine.args import placement_group, runtime_env, serving_engine_kwargs, workers_per_replica
 from pipeline.ops.runtime import init_ray
+from pipeline.serve import in_process
 from pipeline.io.storage import is_s3
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ def llm_config_args(config: PipelineConfig) -> dict[str, Any]:
     if config.engine.device == "cpu":
         # Without it Ray's LLM server looks for a GPU.
         args["accelerator_config"] = {"kind": "cpu"}
+    elif serve.in_process_engine and workers_per_replica(config) == 1:
+        # One-GPU replicas run the model in vLLM's engine core, not a Ray worker (serve/in_process.py).
+        args["experimental_configs"] = {in_process.EXECUTOR_KEY: in_process.IN_PROCESS}
     return args
 
 

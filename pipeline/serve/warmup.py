@@ -62,7 +62,8 @@ def warmup_requests(model_id: str, with_tools: bool) -> list[tuple[str, dict]]:
 
 
 class PluginLLMServer(LLMServer):
-    """Ray's engine server, with vLLM's general plugins loaded in the replica before its start."""
+    """Ray's engine server, with vLLM's general plugins loaded in the replica before its start, and a
+    one-GPU engine run in vLLM's engine-core process when the config asks (pipeline/serve/in_process.py)."""
 
     async def start(self):
         # vLLM loads its general plugins (our `gemma3` tool parser among them) when it builds an engine.
@@ -70,7 +71,11 @@ class PluginLLMServer(LLMServer):
         # the replica failed its start on an H200 (2026-12-03): load them first (idempotent).
         from vllm.plugins import load_general_plugins
 
+        from pipeline.serve import in_process
+
         load_general_plugins()
+        if in_process.wanted(self._llm_config.experimental_configs):
+            self._engine_cls = in_process.in_process_engine_class()
         await super().start()
 
 
