@@ -9,8 +9,8 @@ Targets, one at a time on the card, same checkpoint, each behind an API key:
   card        the model card's command: `vllm serve CHECKPOINT --gpu-memory-utilization 0.9
               --max-model-len 8192 --api-key K --served-model-name gemma-3-12b-it` (CUDA graphs)
   card-eager  the same with `--enforce-eager`, as the card prints it
-  ours-uni    `ours` with vLLM's in-process executor instead of the Ray executor (an experiment: does the
-              extra worker process cost throughput? bench/vllm_bridge applies it, one-GPU machines only)
+  ours-ray    `ours` with `serve.in_process_engine=false`: the model in a separate Ray worker, the executor
+              `ray.serve.llm` gives vLLM by default (the comparison behind pipeline/serve/in_process.py)
   ours-scale  `ours` with two replicas allowed on the card (half of it each): instead of the levels, a
               rising load until the second replica serves, every request logged (bench/online_scale.py)
 
@@ -40,7 +40,7 @@ from bench.online_latency import SERVED, load, stream_one
 
 # The model card's flags, verbatim, besides the model path and where it listens.
 CARD_FLAGS = ["--gpu-memory-utilization", "0.9", "--max-model-len", "8192"]
-TARGETS = ("ours", "ours-uni", "ours-scale", "card", "card-eager")
+TARGETS = ("ours", "ours-ray", "ours-scale", "card", "card-eager")
 # ours-scale: two engine replicas allowed on the one card (half of it each), scaling out above 16 requests
 # in flight per replica: the one -> two scale-up run (bench/online_scale.py).
 # A fixed KV cache per replica (16 GiB, as bench/gpu_throughput.py's two-per-GPU runs): the config refuses a
@@ -66,13 +66,10 @@ def target_command(target: str, checkpoint: str, port: int, key: str, config: st
                 "model.quantization=any", "runtime.local_num_cpus=16", "engine.enforce_eager=false",
                 # The benchmark is one client at full load: the per-key limits would measure themselves.
                 "serve.rate_limit={requests_per_minute: 1000000000, tokens_per_minute: 1000000000000}",
-                *(SCALE_SETS if target == "ours-scale" else []), *overrides]
+                *(SCALE_SETS if target == "ours-scale" else []),
+                *(["serve.in_process_engine=false"] if target == "ours-ray" else []), *overrides]
         command = [sys.executable, "-m", "jobs.serve", "--config", config, "--model", checkpoint]
         env = {"GEMMA_API_KEYS": key}
-        if target == "ours-uni":
-            # The experiment: vLLM's in-process executor instead of the Ray executor ray.serve.llm sets
-            # even at TP=1 (bench/vllm_bridge applies it; on a one-GPU machine only).
-            env["BENCH_SERVE_EXECUTOR"] = "uni"
         return command + [a for s in sets for a in ("--set", s)], env
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, *CARD_FLAGS,
                "--api-key", key, "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port)]

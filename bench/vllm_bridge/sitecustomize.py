@@ -92,26 +92,8 @@ def add_escape_ctrl_chars(module: types.ModuleType) -> None:
         module.escape_ctrl_chars_in_strings = escape_ctrl_chars_in_strings
 
 
-def use_in_process_executor(module: types.ModuleType) -> None:
-    """Experiment, opt-in (BENCH_SERVE_EXECUTOR=uni): vLLM's in-process executor for one-worker engines,
-    where ray.serve.llm sets the Ray executor even at TP=1 (the model then runs in a separate Ray worker
-    process and every engine step crosses to it; `vllm serve` runs it in the engine-core process). The
-    replica holds no GPU of its own, so this is only sound on a machine with one GPU."""
-    engine = module.VLLMEngine
-    original = engine._start_async_llm_engine
-
-    def start(self, vllm_engine_args, vllm_engine_config, placement_group):
-        if vllm_engine_config.parallel_config.world_size == 1:
-            vllm_engine_config.parallel_config.distributed_executor_backend = "uni"
-        return original(self, vllm_engine_args, vllm_engine_config, placement_group)
-
-    engine._start_async_llm_engine = start
-
-
 # real vLLM modules that get a missing name added right after they load
 PATCHES = {"vllm.exceptions": add_client_error, "vllm.tool_parsers.utils": add_escape_ctrl_chars}
-if __import__("os").environ.get("BENCH_SERVE_EXECUTOR") == "uni":
-    PATCHES["ray.llm._internal.serve.engines.vllm.vllm_engine"] = use_in_process_executor
 
 
 class _AliasLoader(importlib.abc.Loader):

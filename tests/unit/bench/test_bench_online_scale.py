@@ -54,7 +54,7 @@ def test_rising_load_holds_until_the_second_replica_and_logs_every_request(tmp_p
     assert calls > 30  # it held the top step after the second replica warmed up
 
 
-@pytest.mark.parametrize("target", ["ours", "ours-uni", "ours-scale"])
+@pytest.mark.parametrize("target", ["ours", "ours-ray", "ours-scale"])
 def test_every_ours_target_is_a_valid_configuration(target: str):
     """The H200 lease of 2026-12-03 lost its scale-up run to jobs.serve refusing the target's settings
     (gpu_share 0.5 without kv_cache_memory_bytes): each target's --config and --set go through the real loader."""
@@ -66,6 +66,7 @@ def test_every_ours_target_is_a_valid_configuration(target: str):
     sets = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
     config = PipelineConfig.load(command[command.index("--config") + 1], sets)
     assert config.serve.port == 18300
+    assert config.serve.in_process_engine is (target != "ours-ray")
     if target == "ours-scale":
         assert (config.engine.gpu_share, config.serve.max_replicas) == (0.5, 2)
         assert config.engine.kv_cache_memory_bytes == 16 * 2**30
