@@ -109,7 +109,9 @@ class EngineSection(_Section):
         "on every GPU, so one fills the gaps the other leaves (the engine loop's CPU work, a GPU busy "
         "~77% of the time with one replica, docs/performance.md). Needs tensor_parallel_size x "
         "pipeline_parallel_size = 1, gpu_memory_utilization <= the share, and kv_cache_memory_bytes: "
-        "vLLM sizes its KV cache by profiling free memory, which a neighbour on the same GPU distorts.",
+        "vLLM sizes its KV cache by profiling free memory, which a neighbour on the same GPU distorts. "
+        "Online it needs serve.in_process_engine (vLLM's Ray executor asks for a whole GPU per worker); "
+        "there two replicas on one H200 served 10.7 requests/s at 32 streams against ~17 with one.",
     )
 
     @field_validator("ray_resources")

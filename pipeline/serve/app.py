@@ -69,6 +69,10 @@ def llm_config_args(config: PipelineConfig) -> dict[str, Any]:
     if config.engine.device == "cpu":
         # Without it Ray's LLM server looks for a GPU.
         args["accelerator_config"] = {"kind": "cpu"}
+    elif config.engine.gpu_share < 1 and not serve.in_process_engine:
+        raise ConfigError(f"engine.gpu_share ({config.engine.gpu_share}) below 1 needs serve.in_process_engine "
+                          "online: vLLM's Ray executor asks Ray for a whole GPU per worker, which a shared "
+                          "GPU's bundle cannot hold, and the replica never starts")
     elif serve.in_process_engine and workers_per_replica(config) == 1:
         # One-GPU replicas run the model in vLLM's engine core, not a Ray worker (serve/in_process.py).
         args["experimental_configs"] = {in_process.EXECUTOR_KEY: in_process.IN_PROCESS}

@@ -33,6 +33,15 @@ def test_one_gpu_replicas_ask_for_the_in_process_executor():
         assert not in_process.wanted(other.get("experimental_configs", {}))
 
 
+def test_a_shared_gpu_online_needs_the_in_process_engine():
+    from pipeline.config import ConfigError
+
+    shared = ["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.42", "engine.kv_cache_memory_bytes=17179869184"]
+    assert in_process.wanted(llm_config_args(PipelineConfig.load(overrides=shared, environ={}))["experimental_configs"])
+    with pytest.raises(ConfigError, match="whole GPU per worker"):
+        llm_config_args(PipelineConfig.load(overrides=[*shared, "serve.in_process_engine=false"], environ={}))
+
+
 def test_rays_hand_over_point_is_the_one_overridden():
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
