@@ -88,7 +88,8 @@ def placement_group(config: PipelineConfig) -> dict[str, Any]:
 
 
 def runtime_env(config: PipelineConfig) -> dict[str, Any] | None:
-    return {"env_vars": dict(config.runtime.env_vars)} if config.runtime.env_vars else None
+    env_vars = config.runtime.process_env_vars()
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def fixed_or_range(value: int | tuple[int, int]) -> tuple[int, int]:

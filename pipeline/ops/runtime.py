@@ -15,7 +15,8 @@ def init_ray(config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     runtime = config.runtime
-    env = {"env_vars": dict(runtime.env_vars)} if runtime.env_vars else None
+    env_vars = runtime.process_env_vars()
+    env = {"env_vars": env_vars} if env_vars else None
     if runtime.ray_address:
         logger.info("joining Ray cluster at %s", runtime.ray_address)
         ray.init(address=runtime.ray_address, runtime_env=env, log_to_driver=True)
