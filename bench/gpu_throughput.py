@@ -83,7 +83,7 @@ RUNS = {
 # knob is an engine argument, the same argument for plain vLLM, so a comparison stays like for like.
 KNOBS = {
     # Halves the bytes the decoder attention reads (25% of GPU time) and doubles the KV capacity.
-    "kv-fp8": (["engine.extra_engine_kwargs.kv_cache_dtype=fp8"], ['kv_cache_dtype="fp8"']),
+    "kv-fp8": (["engine.kv_cache_dtype=fp8"], ['kv_cache_dtype="fp8"']),
     "seqs512": (["engine.max_num_seqs=512", "batch.max_concurrent_batches=12"], ["max_num_seqs=512"]),
     # Two replicas on the one GPU (engine.gpu_share 0.5), a fixed 16 GiB KV cache and 192 sequences each.
     "2per-gpu": (["batch.engine_replicas=2", "engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45",

@@ -65,8 +65,7 @@ def memory_estimate(config: PipelineConfig, weights_bytes: Optional[int],
                     model_config: dict[str, Any]) -> dict[str, Any]:
     engine = config.engine
     ranks = workers_per_replica(config)
-    kv_dtype = str(engine.extra_engine_kwargs.get("kv_cache_dtype", "auto"))
-    dtype_bytes = 1 if kv_dtype.startswith("fp8") else 2
+    dtype_bytes = 1 if engine.kv_cache_dtype.startswith("fp8") else 2
     per_seq = kv_bytes_per_sequence(model_config, engine.max_model_len, dtype_bytes)
     weights_per_rank = weights_bytes / ranks if weights_bytes else None
     estimate: dict[str, Any] = {

@@ -129,7 +129,7 @@ def output_settings(config: PipelineConfig) -> dict[str, Any]:
     these may not. Chat templates count by content, not only by path.
     """
     batch = config.batch
-    return {
+    settings = {
         "model": config.model.model_dump(mode="json"),
         "sampling": config.sampling.model_dump(mode="json"),
         "images": config.images.model_dump(mode="json"),
@@ -142,6 +142,11 @@ def output_settings(config: PipelineConfig) -> dict[str, Any]:
         "batch": {"default_prompt": batch.default_prompt, "default_system": batch.default_system,
                   "passthrough_columns": batch.passthrough_columns},
     }
+    # An fp8 KV cache changes the numbers, so outputs of two settings may not mix; 'auto' is left out
+    # so that outputs written before the field existed still resume.
+    if config.engine.kv_cache_dtype != "auto":
+        settings["kv_cache_dtype"] = config.engine.kv_cache_dtype
+    return settings
 
 
 def output_config_digest(config: PipelineConfig) -> str:

@@ -34,6 +34,8 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    if engine.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = engine.kv_cache_dtype
     if engine.normalize_images_on_device:
         # Registered by our vLLM plugin (entry point in pyproject.toml) in every vLLM process.
         kwargs["hf_overrides"] = {"architectures": [GEMMA3_FAST_IMAGES]}

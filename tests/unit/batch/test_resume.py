@@ -171,6 +171,7 @@ def _complete(config, input_uri, output: Path) -> dict:
     pytest.param(["images.target_size_px=448"], "images.target_size_px", id="image-size"),
     pytest.param(["model.source=other/model"], "model.source", id="model"),
     pytest.param(["tools.builtins=[calculate]"], "tools.builtins", id="tools"),
+    pytest.param(["engine.kv_cache_dtype=fp8"], "kv_cache_dtype", id="fp8-kv-cache-changes-numerics"),
 ])
 def test_complete_output_made_with_other_settings_is_refused_naming_them(config, input_uri, tmp_path, overrides,
                                                                           named):

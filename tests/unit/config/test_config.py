@@ -41,6 +41,10 @@ def test_yaml_then_overrides(tmp_path):
     pytest.param(["engine.gpu_share=0.5", "engine.gpu_memory_utilization=0.45"],
                  "kv_cache_memory_bytes is required with engine.gpu_share below 1", id="share-needs-kv-cap"),
     pytest.param(["sampling.max_tokens=9000"], "must be below engine.max_model_len", id="tokens-vs-context"),
+    pytest.param(["engine.extra_engine_kwargs={kv_cache_dtype: fp8}"],
+                 "['kv_cache_dtype'] have typed fields: set engine.kv_cache_dtype instead", id="typed-not-extra"),
+    pytest.param(["engine.kv_cache_dtype=int8"], "engine.kv_cache_dtype: Input should be 'auto', 'fp8'",
+                 id="kv-dtype-literal"),
     pytest.param(["nonsense"], "expected section.field=value", id="bad-override"),
     pytest.param(["model.quantization=fp8"], "model.quantization: Input should be 'fp8-dynamic', 'none' or 'any' "
                  "(got 'fp8')", id="literal-lists-allowed-and-given"),
@@ -75,7 +79,9 @@ def test_engine_kwargs_gpu_and_cpu():
     gpu = engine_kwargs(tp4)
     assert gpu["tensor_parallel_size"] == 4 and gpu["gpu_memory_utilization"] == 0.9
     assert gpu["max_model_len"] == 8192 and gpu["limit_mm_per_prompt"] == {"image": 1}
-    assert "kv_cache_memory_bytes" not in gpu
+    assert "kv_cache_memory_bytes" not in gpu and "kv_cache_dtype" not in gpu   # vLLM's own default: the model's
+    fp8_kv = PipelineConfig.load(overrides=["engine.kv_cache_dtype=fp8"], environ={})
+    assert engine_kwargs(fp8_kv)["kv_cache_dtype"] == "fp8"
     cpu_config = PipelineConfig.load(overrides=CPU + ["engine.tensor_parallel_size=1",
                                                       "engine.extra_engine_kwargs={mm_processor_cache_gb: 0}"],
                                      environ={})
