@@ -64,15 +64,20 @@ class RequestBuilder:
             tools[R.TOOL_REQUEST] = request.to_json() if request is not None else None
         side = self.image_side_px
         image = Image.frombuffer("RGB", (side, side), row[R.PIXELS], "raw", "RGB", 0, 1)
-        system = row.get(R.SYSTEM) or self.default_system
-        messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": [
-            {"type": "image_pil", "image_pil": image},
-            {"type": "text", "text": prompt},
-        ]})
+        messages = chat_messages(image, prompt, row.get(R.SYSTEM) or self.default_system)
         # The pixels now live in the PIL image; drop the bytes so later stages do not carry them twice.
         return {"messages": messages, "sampling_params": dict(self.sampling), R.PIXELS: None, PASSTHROUGH: kept,
                 **tools}
+
+
+def chat_messages(image: Image.Image, prompt: str, system: Optional[str]) -> list[dict[str, Any]]:
+    """One record's chat: an optional system turn, then the image and the prompt in one user turn."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [
+        {"type": "image_pil", "image_pil": image},
+        {"type": "text", "text": prompt},
+    ]})
+    return messages
 
 
 class OutputBuilder:

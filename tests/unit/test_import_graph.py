@@ -4,7 +4,8 @@
   from import time to call time), so imports inside functions count like module-level ones. Only imports
   under `if TYPE_CHECKING:` are left out: they never run.
 - the light packages (tool calling, the typed config, the OpenAI formats and request checks, records and
-  images, the endpoint's request guard, the report's model and HTML) import no Ray and no vLLM, directly
+  images, the endpoint's request guard, the report's model and HTML, the parity comparison and its driver,
+  which leaves the engines to their own processes) import no Ray and no vLLM, directly
   or through any pipeline module they import: they are used by the job's driver, the endpoint's ingress
   and the tests of pure logic, and vLLM's plugin loader imports `pipeline.tools` in every engine process.
 """
@@ -21,7 +22,8 @@ HEAVY = ("ray", "vllm")
 # Module or package names that must stay free of HEAVY. Each must exist (as `name.py` or `name/`): a
 # renamed or moved package must be renamed here too, not silently dropped from the check.
 LIGHT = ("pipeline.tools", "pipeline.config", "pipeline.openai", "pipeline.io", "pipeline.report.model",
-         "pipeline.report.html", "pipeline.serve.guard", "pipeline.engine.checkpoint_layout")
+         "pipeline.report.html", "pipeline.serve.guard", "pipeline.engine.checkpoint_layout",
+         "pipeline.parity.compare", "pipeline.parity.run")
 
 
 def module_name(path: Path) -> str:
