@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -205,14 +205,28 @@ def _stage_overrides(config: PipelineConfig, with_tools: bool, guard: Optional[E
     return with_rendered_prompts
 
 
+# What turns request rows into engine output rows: (config, preprocess, postprocess, stage overrides) -> a
+# callable from dataset to dataset. `ray.data.llm`'s processor in every job; the data-plane scale bench
+# passes pipeline.testing.standin_engine's instead, to measure everything around the engine without one.
+EngineProcessorFactory = Callable[[PipelineConfig, Any, Any, Callable], Callable[[Any], Any]]
+
+
+def llm_processor(config: PipelineConfig, preprocess, postprocess, stage_overrides: Callable):
+    """Ray's `ray.data.llm` processor: chat template, tokenizer, the vLLM engine stage, detokenizer."""
+    from ray.data.llm import build_processor
+
+    return build_processor(processor_config(config), preprocess=preprocess, postprocess=postprocess,
+                           builder_kwargs={"override_stage_config_fn": stage_overrides})
+
+
 def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelPlan,
-                          guard: Optional[EngineGuardSettings] = None):
+                          guard: Optional[EngineGuardSettings] = None,
+                          engine_processor: EngineProcessorFactory = llm_processor):
     """The lazy dataset of output rows (nothing runs until it is written or iterated).
 
     With `guard` (run_caption always passes one) the engine stage isolates records that crash it
     (pipeline.stages.crash_isolation)."""
     import ray
-    from ray.data.llm import build_processor
 
     with_tools = tools_enabled(config, plan.schema)
     schema = R.output_schema(plan.schema, config.batch.passthrough_columns, tools=with_tools)
@@ -226,12 +240,8 @@ def build_caption_dataset(config: PipelineConfig, plan: InputPlan, model: ModelP
         dataset = dataset.map_batches(_ids_as_strings, batch_format="pyarrow")
     dataset = prepare_on_cpu_pool(dataset, PrepareRecords, config, model.image_target, plan.duplicate_ids)
     outputs = OutputBuilder(config, schema, model.stop_token_ids)
-    processor = build_processor(
-        processor_config(config),
-        preprocess=RequestBuilder(config, model.image_target.size_px, schema),
-        postprocess=outputs,
-        builder_kwargs={"override_stage_config_fn": _stage_overrides(config, with_tools, guard)},
-    )
+    processor = engine_processor(config, RequestBuilder(config, model.image_target.size_px, schema), outputs,
+                                 _stage_overrides(config, with_tools, guard))
     dataset = processor(dataset)
     return dataset.map_batches(FinalizeRows(outputs), batch_format="pyarrow"), schema
 
@@ -250,6 +260,7 @@ class CaptionFormat:
     inputs: InputUri
     name: str = "caption"
     error_columns: tuple[str, str] = (R.ERROR_KIND, R.ERROR_STAGE)
+    engine_processor: EngineProcessorFactory = llm_processor
 
     def check(self, config: PipelineConfig) -> None:
         check_tools(config)
@@ -262,7 +273,7 @@ class CaptionFormat:
 
     def build(self, config: PipelineConfig, plan: InputPlan, model: ModelPlan, guard: EngineGuardSettings,
               output: OutputState):
-        return build_caption_dataset(config, plan, model, guard)[0]
+        return build_caption_dataset(config, plan, model, guard, self.engine_processor)[0]
 
     def write(self, config: PipelineConfig, dataset, output: OutputState, attempt: dict[str, Any]) -> None:
         enable_checkpointing(dataset, output)  # on the dataset that is written
