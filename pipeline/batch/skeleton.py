@@ -16,6 +16,7 @@ processed, and the manifest, which says `complete`, is written after every row i
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -88,13 +89,29 @@ def count_ids(ids: pa.ChunkedArray) -> tuple[int, frozenset[str], int]:
 
 
 def count_ids_on_ray(ids, column: str, n_files: int) -> tuple[int, frozenset[str], int]:
-    """The same as `count_ids`, for a Ray dataset's string column, by a distributed groupby."""
+    """The same as `count_ids`, for a Ray dataset's string column, by a distributed groupby.
+
+    Only a summary per block of groups comes back to the driver (its rows, its duplicated ids, its rows
+    without id), never the groups themselves: one group per distinct id is the whole input, and 10M of
+    them as Python rows would take the driver gigabytes (docs/scale.md)."""
     # Ray's default of 200 shuffle partitions is meant for big data; one per input file is plenty here
     # and keeps small inputs from spawning hundreds of tasks.
-    counts = ids.groupby(column, num_partitions=max(1, min(200, n_files))).count().take_all()
-    duplicates = frozenset(r[column] for r in counts if r[column] is not None and r["count()"] > 1)
-    missing = sum(r["count()"] for r in counts if r[column] is None)
-    return sum(r["count()"] for r in counts), duplicates, missing
+    groups = ids.groupby(column, num_partitions=max(1, min(200, n_files))).count()
+    summaries = groups.map_batches(functools.partial(_summarize_groups, column=column), batch_format="pyarrow",
+                                   zero_copy_batch=True).take_all()
+    duplicates = frozenset(i for s in summaries for i in s["duplicates"])
+    return sum(s["rows"] for s in summaries), duplicates, sum(s["missing"] for s in summaries)
+
+
+def _summarize_groups(groups: pa.Table, column: str) -> pa.Table:
+    """One row for a block of (id, count()) groups: rows counted, ids seen more than once, rows without id."""
+    import pyarrow.compute as pc
+
+    counts, values = groups["count()"], groups[column]
+    duplicated = pc.filter(values, pc.and_(pc.greater(counts, 1), pc.is_valid(values)))
+    return pa.table({"rows": [pc.sum(counts).as_py() or 0],
+                     "duplicates": pa.array([duplicated.to_pylist()], pa.list_(pa.string())),
+                     "missing": [pc.sum(pc.filter(counts, pc.is_null(values))).as_py() or 0]})
 
 
 # -------------------------------------------------------------------------------------------- adapter
