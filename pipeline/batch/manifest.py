@@ -41,16 +41,22 @@ def _iso(epoch_s: float) -> str:
 def build_manifest(*, config: PipelineConfig, input_uri: str, output_uri: str, rows_in: int,
                    output: pads.Dataset, checkpoint: dict[str, Any], started: float,
                    finished: float) -> dict[str, Any]:
-    """The manifest of a parquet output, counted from its rows."""
-    table = output.to_table(columns=[R.ID, R.ERROR_KIND, R.ERROR_STAGE, R.PROMPT_TOKENS, R.COMPLETION_TOKENS])
-    failed = pc.is_valid(table[R.ERROR_KIND])
+    """The manifest of a parquet output, counted from its rows batch by batch (the driver never holds a
+    whole column: 100M rows are read in constant memory)."""
+    rows = prompt_tokens = completion_tokens = 0
+    by_kind: collections.Counter = collections.Counter()
+    by_stage: collections.Counter = collections.Counter()
+    for batch in output.to_batches(columns=[R.ERROR_KIND, R.ERROR_STAGE, R.PROMPT_TOKENS, R.COMPLETION_TOKENS]):
+        rows += batch.num_rows
+        for counter, column in ((by_kind, R.ERROR_KIND), (by_stage, R.ERROR_STAGE)):
+            counts = pc.value_counts(pc.drop_null(batch.column(column)))
+            counter.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        prompt_tokens += pc.sum(batch.column(R.PROMPT_TOKENS)).as_py() or 0
+        completion_tokens += pc.sum(batch.column(R.COMPLETION_TOKENS)).as_py() or 0
     return assemble_manifest(
         config=config, input_uri=input_uri, output_uri=output_uri, files=output.files, rows_in=rows_in,
-        rows_out=table.num_rows, errors=pc.sum(failed).as_py() or 0,
-        errors_by_kind=collections.Counter(k for k in table[R.ERROR_KIND].to_pylist() if k is not None),
-        errors_by_stage=collections.Counter(s for s in table[R.ERROR_STAGE].to_pylist() if s is not None),
-        prompt_tokens=pc.sum(table[R.PROMPT_TOKENS]).as_py() or 0,
-        completion_tokens=pc.sum(table[R.COMPLETION_TOKENS]).as_py() or 0,
+        rows_out=rows, errors=sum(by_kind.values()), errors_by_kind=by_kind, errors_by_stage=by_stage,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         checkpoint=checkpoint, started=started, finished=finished)
 
 

@@ -136,6 +136,22 @@ def test_check_exactly_once(tmp_path, keys, rows_in, expected):
     assert result["exactly_once"] is expected and result["distinct_row_keys"] == len(set(keys))
 
 
+def test_check_exactly_once_across_files_and_batches_with_a_missing_key(tmp_path):
+    """Keys near 2**64 (half of all hashes exceed int64), duplicates across files, a null key."""
+    big = 2**64 - 1
+    _write_rows(tmp_path, "a.parquet", [big, 1, 5])
+    _write_rows(tmp_path, "b.parquet", [7, big])
+    assert check_exactly_once(pads.dataset(str(tmp_path), format="parquet"), 5) == \
+        {"rows_out": 5, "distinct_row_keys": 4, "exactly_once": False}
+    pq.write_table(pa.table({"row_hash": pa.array([9, None], pa.uint64())}), tmp_path / "c.parquet")
+    (tmp_path / "b.parquet").unlink()
+    result = check_exactly_once(pads.dataset(str(tmp_path), format="parquet"), 5)
+    assert result == {"rows_out": 5, "distinct_row_keys": 4, "exactly_once": False}, "a row without key never counts"
+    (tmp_path / "c.parquet").unlink()
+    _write_rows(tmp_path, "c.parquet", [9, 2**63])
+    assert check_exactly_once(pads.dataset(str(tmp_path), format="parquet"), 5)["exactly_once"] is True
+
+
 def test_output_config_digest_follows_output_shaping_settings_only():
     base = output_config_digest(PipelineConfig.load(environ={}))
     assert output_config_digest(PipelineConfig.load(overrides=["batch.engine_batch_size=8"], environ={})) == base
