@@ -55,11 +55,41 @@ def report_uri(output_uri: str) -> str:
     return join(join(output_uri, REPORT_DIR), REPORT_HTML)
 
 
-def load_output_columns(config: PipelineConfig, output_uri: str) -> pa.Table:
-    """The columns the report needs from the written output (those present: older runs lack timings)."""
+def sample_stride(rows: int, max_rows: int) -> int:
+    """1, or the smallest power of two that brings `rows` down to at most `max_rows`."""
+    stride = 1
+    while rows > max_rows * stride:
+        stride *= 2
+    return stride
+
+
+def _one_in(stride: int) -> pc.Expression:
+    """Rows whose row key's low bits are all zero: a uniform 1-in-`stride` sample (row keys are hashes)."""
+    mask = pa.scalar(stride - 1, pa.uint64())
+    return pc.equal(pc.bit_wise_and(pc.field(R.ROW_HASH), mask), pa.scalar(0, pa.uint64()))
+
+
+def load_output_columns(config: PipelineConfig, output_uri: str, stride: int = 1) -> pa.Table:
+    """The columns the report needs from the written output (those present: older runs lack timings); with
+    `stride` > 1 only a 1-in-`stride` sample of the rows, picked by row key as the rows are decoded."""
     fs, path = make_filesystem(config.storage, output_uri)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    return dataset.to_table(columns=[c for c in _COLUMNS if c in dataset.schema.names])
+    sampled = stride > 1 and R.ROW_HASH in dataset.schema.names
+    return dataset.to_table(columns=[c for c in _COLUMNS if c in dataset.schema.names],
+                            filter=_one_in(stride) if sampled else None)
+
+
+def load_gallery_candidates(config: PipelineConfig, output_uri: str, error_stride: int) -> pa.Table:
+    """For a sampled report: the rows the gallery and the error examples can show. Every row with a
+    thumbnail (the prepare stage's hash-picked sample holds the gallery's answered rows: gallery.py) and
+    every error row, or a 1-in-`error_stride` sample of them when they are too many to read whole."""
+    fs, path = make_filesystem(config.storage, output_uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    errors = pc.field(R.ERROR_KIND).is_valid()
+    if error_stride > 1:
+        errors = errors & _one_in(error_stride)
+    wanted = errors | pc.field(R.THUMBNAIL).is_valid() if R.THUMBNAIL in dataset.schema.names else errors
+    return dataset.to_table(columns=[c for c in _COLUMNS if c in dataset.schema.names], filter=wanted)
 
 
 def cost_estimate(config: PipelineConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -98,14 +128,15 @@ def cost_estimate(config: PipelineConfig, manifest: dict[str, Any]) -> dict[str,
     return result
 
 
-def error_examples(table: pa.Table, per_kind: int) -> list[dict[str, Any]]:
-    """One entry per error kind, largest first: count, stages, example ids (or sources) and a message."""
+def error_examples(table: pa.Table, per_kind: int, counts: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
+    """One entry per error kind, largest first: count, stages, example ids (or sources) and a message.
+    `counts` (the manifest's) replace the table's when the table holds only a sample of the errors."""
     failed = table.filter(pc.is_valid(table[R.ERROR_KIND]))
     entries = []
     for kind in set(failed[R.ERROR_KIND].to_pylist()):
         rows = failed.filter(pc.equal(failed[R.ERROR_KIND], kind))
         examples = rows.slice(0, per_kind).select([R.ID, R.SOURCE, R.ERROR]).to_pylist()
-        entries.append({"kind": kind, "count": rows.num_rows,
+        entries.append({"kind": kind, "count": counts.get(kind, rows.num_rows) if counts else rows.num_rows,
                         "stages": sorted(set(s for s in rows[R.ERROR_STAGE].to_pylist() if s)),
                         "examples": examples})
     return sorted(entries, key=lambda e: (-e["count"], e["kind"]))
@@ -204,13 +235,21 @@ def _percentiles(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Table,
-                 charts: bool = True, gallery_rows: Optional[pa.Table] = None) -> RunReport:
+                 charts: bool = True, gallery_rows: Optional[pa.Table] = None, shown: Optional[pa.Table] = None,
+                 sampled_1_in: int = 1) -> RunReport:
     """The report's content from the manifest and the output's columns (no I/O). The gallery's rows come
-    from `gallery_rows` (`load_rows` of the sample), or from `table` itself when it has their columns."""
+    from `gallery_rows` (`load_rows` of the sample), or from `table` itself when it has their columns.
+
+    With `sampled_1_in` > 1, `table` is a 1-in-N sample of the output (charts and latencies are read from
+    it, rates scaled by N) and `shown` holds the rows the gallery and error examples pick from."""
     from pipeline.report import charts as report_charts
 
     counts, tokens, speed = manifest["counts"], manifest["tokens"], manifest["throughput"]
-    if table.num_rows != counts["rows_out"]:
+    shown = table if shown is None else shown
+    if sampled_1_in > 1:
+        logger.info("report: %d output rows read as a 1-in-%d sample (%d rows) for charts and latencies",
+                    counts["rows_out"], sampled_1_in, table.num_rows)
+    elif table.num_rows != counts["rows_out"]:
         logger.warning("output holds %d rows but the manifest counts %d; the report shows the manifest's",
                        table.num_rows, counts["rows_out"])
     answered = table.filter(pc.is_null(table[R.ERROR_KIND]))
@@ -226,16 +265,18 @@ def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Tab
         "completion_tokens": tokens["completion"], "latency_rows": len(latencies),
         **{f"latency_{k}_s": v for k, v in latency.items()},
         "mean_completion_tokens": round(sum(ok_completion) / len(ok_completion), 2) if ok_completion else None,
+        "sampled_1_in": sampled_1_in,
     }
     report = RunReport(manifest, figures, cost_estimate(config, manifest),
-                       error_examples(table, config.report.example_ids_per_error_kind))
+                       error_examples(shown, config.report.example_ids_per_error_kind,
+                                      counts["errors_by_kind"] if sampled_1_in > 1 else None))
     if config.report.gallery_size > 0:
-        sampled, sampled_errors = gallery_picks(table, config.report.gallery_size,
+        sampled, sampled_errors = gallery_picks(shown, config.report.gallery_size,
                                                 config.report.gallery_errors_per_kind, config.report.gallery_seed)
-        details = gallery_rows if gallery_rows is not None else table
+        details = gallery_rows if gallery_rows is not None else shown
         prompt = run_default_prompt(config, manifest)
-        report.gallery = gallery_entries(details, table, sampled, prompt)
-        report.gallery_errors = {kind: gallery_entries(details, table, positions, prompt)
+        report.gallery = gallery_entries(details, shown, sampled, prompt)
+        report.gallery_errors = {kind: gallery_entries(details, shown, positions, prompt)
                                  for kind, positions in sampled_errors.items()}
     if charts:
         started = datetime.fromisoformat(manifest["started"]).timestamp()
@@ -247,7 +288,8 @@ def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Tab
         else:
             finished_s, generated = [], []
         report.charts = {
-            "throughput": report_charts.throughput_chart(finished_s, generated, float(manifest["wall_s"])),
+            "throughput": report_charts.throughput_chart(finished_s, generated, float(manifest["wall_s"]),
+                                                         weight=sampled_1_in),
             "latency": report_charts.latency_chart(latencies),
             "tokens": report_charts.tokens_chart(
                 [v for v in answered[R.PROMPT_TOKENS].to_pylist() if v is not None], ok_completion),
@@ -257,14 +299,22 @@ def build_report(config: PipelineConfig, manifest: dict[str, Any], table: pa.Tab
 
 
 def write_report(config: PipelineConfig, output_uri: str, manifest: dict[str, Any]) -> str:
-    """Build and write `_report/report.html` and `_report/<chart>.png`; returns the HTML's URI."""
-    table = load_output_columns(config, output_uri)
+    """Build and write `_report/report.html` and `_report/<chart>.png`; returns the HTML's URI.
+
+    An output of more than report.max_rows_read rows is read as a sample for the charts and latencies
+    (`sample_stride`), and for the gallery and error examples as the rows that can appear there
+    (`load_gallery_candidates`): the driver's memory stays bounded however large the job."""
+    counts, limit = manifest["counts"], config.report.max_rows_read
+    stride = sample_stride(counts["rows_out"], limit)
+    table = load_output_columns(config, output_uri, stride)
+    shown = table if stride == 1 else load_gallery_candidates(config, output_uri, sample_stride(counts["errors"], limit))
     details = None
     if config.report.gallery_size > 0:
-        answered, errors = gallery_picks(table, config.report.gallery_size, config.report.gallery_errors_per_kind,
+        answered, errors = gallery_picks(shown, config.report.gallery_size, config.report.gallery_errors_per_kind,
                                          config.report.gallery_seed)
-        details = load_rows(config, output_uri, table, answered + [p for ps in errors.values() for p in ps])
-    return write_report_files(config, output_uri, build_report(config, manifest, table, gallery_rows=details))
+        details = load_rows(config, output_uri, shown, answered + [p for ps in errors.values() for p in ps])
+    report = build_report(config, manifest, table, gallery_rows=details, shown=shown, sampled_1_in=stride)
+    return write_report_files(config, output_uri, report)
 
 
 def write_report_files(config: PipelineConfig, output_uri: str, report) -> str:

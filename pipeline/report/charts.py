@@ -36,11 +36,13 @@ def _empty(ax, message: str) -> None:
     ax.set_yticks([])
 
 
-def throughput_chart(finished_s: Sequence[float], completion_tokens: Sequence[float], wall_s: float) -> bytes:
+def throughput_chart(finished_s: Sequence[float], completion_tokens: Sequence[float], wall_s: float,
+                     weight: int = 1) -> bytes:
     """Rows/s and generated tokens/s over the run (top), rows done so far (bottom).
 
     `finished_s`: each row's finish time in seconds since the run started; `completion_tokens`: that
-    row's generated tokens (0 for error rows). Bins are 1/60 of the run, at least one second.
+    row's generated tokens (0 for error rows). Bins are 1/60 of the run, at least one second. `weight`:
+    the rows each given row stands for (a 1-in-N sample of the output).
     """
     figure = _figure(8.0, 5.0)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 2])
@@ -53,7 +55,8 @@ def throughput_chart(finished_s: Sequence[float], completion_tokens: Sequence[fl
     width = max(1.0, end / 60.0)
     edges = np.arange(0.0, end + width, width)
     rows, _ = np.histogram(times, bins=edges)
-    tokens, _ = np.histogram(times, bins=edges, weights=np.asarray(completion_tokens, dtype=float))
+    rows = rows * weight
+    tokens, _ = np.histogram(times, bins=edges, weights=np.asarray(completion_tokens, dtype=float) * weight)
     centers = (edges[:-1] + edges[1:]) / 2
     top.bar(centers, rows / width, width=width * 0.9, color=PALETTE["rows"], label="rows/s")
     top.set_ylabel("rows/s")
@@ -64,7 +67,7 @@ def throughput_chart(finished_s: Sequence[float], completion_tokens: Sequence[fl
     handles = top.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     top.legend(handles, ["rows/s", "generated tokens/s"], loc="upper left", fontsize="small")
     order = np.sort(times)
-    bottom.step(order, np.arange(1, order.size + 1), where="post", color=PALETTE["rows"])
+    bottom.step(order, np.arange(1, order.size + 1) * weight, where="post", color=PALETTE["rows"])
     bottom.set_ylabel("rows done")
     bottom.set_xlabel("seconds since the run started")
     bottom.set_xlim(0, end)

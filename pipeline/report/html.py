@@ -93,7 +93,8 @@ def _summary(report: RunReport) -> str:
                          _metric("generated", "completion_tokens", f["completion_tokens"]),
                          _metric("generated per caption", "mean_completion_tokens", f["mean_completion_tokens"],
                                  "", 1)]),
-        _card("Engine latency", [_metric("rows timed", "latency_rows", f["latency_rows"]),
+        _card("Engine latency" + (f" (a 1-in-{f['sampled_1_in']} sample of rows)" if f.get("sampled_1_in", 1) > 1
+                                  else ""), [_metric("rows timed", "latency_rows", f["latency_rows"]),
                                  _metric("p50", "latency_p50_s", f["latency_p50_s"], "s"),
                                  _metric("p90", "latency_p90_s", f["latency_p90_s"], "s"),
                                  _metric("p99", "latency_p99_s", f["latency_p99_s"], "s"),

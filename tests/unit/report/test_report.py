@@ -330,3 +330,58 @@ def test_show_output_writes_a_gallery_of_chosen_ids_or_a_sample(tmp_path, monkey
     assert len(_cards(sample.read_text())) == 4
     assert "wrote 4 rows" in capsys.readouterr().out
     assert show_output.main([str(out), "--html", str(page), "--ids", "nope"]) == 1
+
+
+def test_a_large_output_is_reported_from_a_sample_with_the_same_gallery_and_exact_counts(tmp_path):
+    """report.max_rows_read: 8,000 rows read as a 1-in-8 sample by row key, against the same output read whole.
+    Thumbnails are made as the prepare stage makes them (a bottom-k sketch over sample keys), so the
+    sampled report's gallery must be the whole-output report's, row for row."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.manifest import build_manifest
+    from pipeline.report.build import write_report
+    from pipeline.report.gallery import ThumbnailSampler, sample_keys, sampler_size
+
+    rows_total, rng = 8000, np.random.default_rng(3)
+    hashes = rng.integers(0, 2**64 - 1, rows_total, dtype=np.uint64, endpoint=True)
+    keys = sample_keys(hashes.tolist(), [None] * rows_total, 0)
+    sampler = ThumbnailSampler(sampler_size(6))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buffer, "JPEG")
+    rows = []
+    for i in range(rows_total):
+        kind = ("not_found", "fetch") if i % 97 == 0 else ("engine_error", "engine") if i % 389 == 0 else None
+        thumbnail = buffer.getvalue() if sampler.take(keys[i]) and (kind is None or kind[1] == "engine") else None
+        rows.append({R.ID: f"r{i}", R.ROW_HASH: int(hashes[i]), R.SOURCE: "in/part.parquet", R.TEXT: "ok" if not kind else None,
+                     R.PROMPT_TOKENS: None if kind else 300, R.COMPLETION_TOKENS: None if kind else 10,
+                     R.ERROR: f"{kind[0]}: x" if kind else None, R.ERROR_KIND: kind[0] if kind else None,
+                     R.ERROR_STAGE: kind[1] if kind else None, R.THUMBNAIL: thumbnail,
+                     R.FINISHED_AT: START + timedelta(seconds=i / 100), R.ENGINE_LATENCY_S: None if kind else 1.0 + i % 7})
+    table = pa.Table.from_pylist(rows, schema=R.output_schema(pa.schema([("id", pa.string())])))
+    output = tmp_path / "out"
+    output.mkdir()
+    for n in range(4):
+        pq.write_table(table.slice(n * 2000, 2000), output / f"part-{n}.parquet", row_group_size=500)
+
+    def report(max_rows_read):
+        config = PipelineConfig.load(overrides=["report.gallery_size=6", f"report.max_rows_read={max_rows_read}"],
+                                     environ={})
+        manifest = build_manifest(config=config, input_uri="in", output_uri=str(output), rows_in=rows_total,
+                                  output=pads.dataset(str(output), format="parquet"), checkpoint={},
+                                  started=START.timestamp(), finished=START.timestamp() + 80)
+        write_report(config, str(output), manifest)
+        return (output / "_report" / "report.html").read_text(), manifest
+
+    whole, manifest = report(10_000)
+    sampled, _ = report(1000)
+    assert "Engine latency (a 1-in-8 sample of rows)" in sampled and "sample of rows" not in whole
+    timed = int(re.search(r'data-metric="latency_rows" data-value="(\d+)"', sampled).group(1))
+    answered = manifest["counts"]["ok"]
+    assert answered / 8 * 0.8 < timed < answered / 8 * 1.2, "about one answered row in eight"
+    gallery = lambda html: re.findall(r'<figure class="sample".*?</figure>', html, flags=re.S)
+    assert gallery(sampled) == gallery(whole) and len(gallery(whole)) > 6, "same rows, same order"
+    assert len(re.findall(r'data-section="gallery"', sampled)) == 1
+    errors = lambda html: dict(re.findall(r'data-error-kind="(\w+)" data-count="(\d+)"', html))
+    assert errors(sampled) == errors(whole) == {k: str(v) for k, v in manifest["counts"]["errors_by_kind"].items()}
