@@ -62,7 +62,9 @@ def make_s3_client(storage: StorageSection, timeout_s: Optional[float] = None, r
 
     timeout_s = storage.timeout_s if timeout_s is None else timeout_s
     attempts = storage.max_attempts if retries is None else retries + 1
-    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,
+    # One client serves many threads (the ledger's 16, a fetcher's batch): botocore's pool of 10
+    # connections would make the rest reconnect for every request.
+    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, max_pool_connections=32,
                     retries={"max_attempts": attempts, "mode": "standard"})
     return boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config)
 
