@@ -313,6 +313,10 @@ class Ledger:
         return outcome
 
     def _claim_one(self, file: InputFile, run_id: str, run_state: Callable[[str], Optional[str]]) -> str:
+        # A file never claimed before (nearly every file of a tick) costs one conditional PUT: attempt 1 is
+        # created only if absent. Where it exists, the LIST below finds the latest attempt and decides.
+        if self._create_claim(file, run_id, attempt=1):
+            return "claimed"
         attempts = [n for n in self.store.list(f"claims/{file.key}/") if n.endswith(".json")]
         attempt = 1
         if attempts:
@@ -326,10 +330,11 @@ class Ledger:
             if state == RUNNING or (state is None and self.clock() - latest.get("claimed_at", 0) <= self.lease_s):
                 return "in_flight"
             attempt = int(latest_name.rsplit("/", 1)[-1].split(".")[0]) + 1
+        return "claimed" if self._create_claim(file, run_id, attempt) else "lost"
+
+    def _create_claim(self, file: InputFile, run_id: str, attempt: int) -> bool:
         claim = {**file.as_dict(), "run_id": run_id, "attempt": attempt, "claimed_at": self.clock()}
-        if self.store.create(f"claims/{file.key}/{attempt:06d}.json", _dumps(claim)):
-            return "claimed"
-        return "lost"
+        return self.store.create(f"claims/{file.key}/{attempt:06d}.json", _dumps(claim))
 
     def _parallel(self, function: Callable[[InputFile], Any], files: list[InputFile]) -> list[Any]:
         if len(files) <= 1:

@@ -170,3 +170,30 @@ def test_open_store_in_another_folder_of_the_output(tmp_path):
     assert store.create("000001.json", b"a") and not store.create("000001.json", b"b")
     assert store.uri("000001.json") == str(tmp_path / "out" / "_lease" / "000001.json")
     assert open_store(StorageSection(), str(tmp_path / "out")).list("") == []
+
+
+def test_a_file_never_claimed_costs_one_create_and_no_listing(tmp_path):
+    """A tick's first claim of a new file is one conditional create; only a file with an earlier attempt is
+    listed (100k new files: 100k requests, not 200k)."""
+    class Counting(LocalLedgerStore):
+        def __init__(self, root):
+            super().__init__(root)
+            self.calls = {"create": 0, "list": 0}
+
+        def create(self, name, data):
+            self.calls["create"] += 1
+            return super().create(name, data)
+
+        def list(self, prefix):
+            self.calls["list"] += 1
+            return super().list(prefix)
+
+    store = Counting(tmp_path / "ledger")
+    ledger = Ledger(store, lease_s=60, clock=Clock())
+    for i in range(5):
+        write_parquet_stub(tmp_path / "in" / f"{i}.parquet")
+    files = list_input_files(StorageSection(), str(tmp_path / "in"))
+    outcome = ledger.claim(files, "run-1", lambda run_id: None)
+    assert len(outcome.claimed) == 5 and store.calls == {"create": 5, "list": 0}
+    again = ledger.claim(files, "run-2", lambda run_id: RUNNING)
+    assert again.in_flight == 5 and not again.claimed and store.calls == {"create": 10, "list": 5}
