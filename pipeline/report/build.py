@@ -63,8 +63,11 @@ def sample_stride(rows: int, max_rows: int) -> int:
     return stride
 
 
-def _one_in(stride: int) -> pc.Expression:
-    """Rows whose row key's low bits are all zero: a uniform 1-in-`stride` sample (row keys are hashes)."""
+def _one_in(stride: int, dataset: pads.Dataset) -> Optional[pc.Expression]:
+    """Rows whose row key's low bits are all zero: a uniform 1-in-`stride` sample (row keys are hashes).
+    None (every row) for a stride of 1, or an output without row keys (written by direct library calls)."""
+    if stride <= 1 or R.ROW_HASH not in dataset.schema.names:
+        return None
     mask = pa.scalar(stride - 1, pa.uint64())
     return pc.equal(pc.bit_wise_and(pc.field(R.ROW_HASH), mask), pa.scalar(0, pa.uint64()))
 
@@ -72,24 +75,31 @@ def _one_in(stride: int) -> pc.Expression:
 def load_output_columns(config: PipelineConfig, output_uri: str, stride: int = 1) -> pa.Table:
     """The columns the report needs from the written output (those present: older runs lack timings); with
     `stride` > 1 only a 1-in-`stride` sample of the rows, picked by row key as the rows are decoded."""
-    fs, path = make_filesystem(config.storage, output_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    sampled = stride > 1 and R.ROW_HASH in dataset.schema.names
-    return dataset.to_table(columns=[c for c in _COLUMNS if c in dataset.schema.names],
-                            filter=_one_in(stride) if sampled else None)
+    dataset = _output_dataset(config, output_uri)
+    return dataset.to_table(columns=_report_columns(dataset), filter=_one_in(stride, dataset))
 
 
 def load_gallery_candidates(config: PipelineConfig, output_uri: str, error_stride: int) -> pa.Table:
     """For a sampled report: the rows the gallery and the error examples can show. Every row with a
     thumbnail (the prepare stage's hash-picked sample holds the gallery's answered rows: gallery.py) and
     every error row, or a 1-in-`error_stride` sample of them when they are too many to read whole."""
-    fs, path = make_filesystem(config.storage, output_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    dataset = _output_dataset(config, output_uri)
     errors = pc.field(R.ERROR_KIND).is_valid()
-    if error_stride > 1:
-        errors = errors & _one_in(error_stride)
+    sample = _one_in(error_stride, dataset)
+    if sample is not None:
+        errors = errors & sample
     wanted = errors | pc.field(R.THUMBNAIL).is_valid() if R.THUMBNAIL in dataset.schema.names else errors
-    return dataset.to_table(columns=[c for c in _COLUMNS if c in dataset.schema.names], filter=wanted)
+    return dataset.to_table(columns=_report_columns(dataset), filter=wanted)
+
+
+def _output_dataset(config: PipelineConfig, output_uri: str) -> pads.Dataset:
+    fs, path = make_filesystem(config.storage, output_uri)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def _report_columns(dataset: pads.Dataset) -> list[str]:
+    """The report's columns that the output has (older runs lack timings)."""
+    return [c for c in _COLUMNS if c in dataset.schema.names]
 
 
 def cost_estimate(config: PipelineConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -168,8 +178,7 @@ def _row_key(row: dict[str, Any]) -> tuple:
 def load_rows(config: PipelineConfig, output_uri: str, table: pa.Table, positions: list[int]) -> pa.Table:
     """The gallery columns of the rows of `table` at `positions`, read with a filter on their row hashes
     (or ids), so only the row groups that hold them are decoded."""
-    fs, path = make_filesystem(config.storage, output_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    dataset = _output_dataset(config, output_uri)
     picked = table.take(positions) if positions else table.slice(0, 0)
     wanted = [_row_key(row) for row in picked.select([c for c in (R.ROW_HASH, R.ID) if c in picked.column_names]).to_pylist()]
     hashes = [value for tag, value in wanted if tag == "hash"]

@@ -12,10 +12,10 @@ import time
 from typing import Any, Callable
 
 from pipeline.config import PipelineConfig
+from pipeline.stages.engine_rows import INFERENCE_ERROR
 
 STANDIN_TEXT = "stand-in engine: a fixed caption"
 STANDIN_TOKENS = [7, 7, 7, 1]   # ends on the tiny model's stop token: finish_reason "stop"
-INFERENCE_ERROR = "__inference_error__"   # Ray's per-row error marker (pipeline.stages.engine_rows)
 
 
 class StandInEngine:
