@@ -52,8 +52,11 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.s
 # time and a 40-row job has several commits to be killed between.
 SMALL_BLOCKS = ["--set", "batch.rows_per_block=4", "--set", "batch.rows_per_file=4"]
 # For the faults timed on progress: 160 generated tokens per row (the tiny model otherwise stops within a few),
-# so the engine is still busy, and rows still being written, for some seconds after the trigger is seen.
-BUSY_ENGINE = ["--set", "sampling.max_tokens=160", "--set", "sampling.ignore_eos=true"]
+# and 4 rows generating at a time, so rows are written a few at a time, each wave a second or more apart, and
+# the engine is still busy for several waves after the trigger is seen. With 16 at a time, a fast machine
+# wrote the last wave between the trigger and the kill: the job had finished when it was killed.
+BUSY_ENGINE = ["--set", "sampling.max_tokens=160", "--set", "sampling.ignore_eos=true",
+               "--set", "engine.max_num_seqs=4", "--set", "batch.engine_batch_size=4"]
 JOB_TIMEOUT_S = 900
 
 

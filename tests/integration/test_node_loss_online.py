@@ -33,6 +33,7 @@ SHORT_TOKENS = 16
 WAVE = 6                    # concurrent long requests: 4 streamed, 2 plain
 FAILED_WITHIN_S = 60        # a request cut by the kill ends this soon after it (never a hang)
 FIRST_SUCCESS_BOUND_S = 60  # a request sent after the kill is answered by the survivor this soon
+SERVE_SEES_LOSS_BOUND_S = 90  # kill -> Serve no longer counts the lost replica RUNNING (Ray's node health checks)
 RECOVERY_BOUND_S = 600      # replacement node alive -> second replica RUNNING
 
 
@@ -177,20 +178,26 @@ def test_serve_engine_node_killed_under_load(s3_server, head, add_engine_node, t
             batch, threads = in_threads(client, [(i % 2 == 0, SHORT_TOKENS, 100 + len(after) + i) for i in range(2)])
             joined(threads)
             after += batch
-            serve_states.append(sorted(f"{r['state']}@{node_name(r, nodes)}" for r in engine_replicas(head)))
+            serve_states.append(replica_states(head, nodes))
         first_success_s = min(r["ended"] for r in after if r["outcome"] == "ok") - killed_at
         joined(wave_threads)
         # A few more on the survivor alone, then Serve's view of the engine deployment meanwhile.
         batch, threads = in_threads(client, [(i % 2 == 0, SHORT_TOKENS, 200 + i) for i in range(4)])
         joined(threads)
         after += batch
-        wait_until(lambda: survivor.node_id in {r["node_id"] for r in running_engines(head)}, "the survivor", 10)
-        without_replacement = sorted(f"{r['state']}@{node_name(r, nodes)}" for r in engine_replicas(head))
+        # Serve's controller sees the lost replica's actor die only once Ray's health checks mark its node
+        # dead, some seconds after the kill: the survivor may have answered the requests above before then.
+        wait_until(lambda: {r["node_id"] for r in running_engines(head)} == {survivor.node_id},
+                   "engine replica RUNNING on the survivor alone", SERVE_SEES_LOSS_BOUND_S,
+                   lambda: f"(engine replicas: {replica_states(head, nodes)})")
+        serve_saw_loss_s = time.monotonic() - killed_at
+        without_replacement = replica_states(head, nodes)
         serve_states.append(without_replacement)
 
         print(f"online node loss: first wave {brief(wave, killed_at)}")
         print(f"online node loss: after the kill {brief(after, killed_at)}; first success "
-              f"{first_success_s:.1f}s after the kill; engine replicas meanwhile {serve_states}")
+              f"{first_success_s:.1f}s after the kill; engine replicas meanwhile {serve_states}; the lost one no longer "
+              f"RUNNING {serve_saw_loss_s:.1f}s after the kill")
         bad = [r for r in wave + after if r["outcome"] not in ("ok", "retryable", "stream error event")]
         assert not bad, bad
         in_flight = [r for r in wave if r["ended"] > killed_at]
@@ -226,6 +233,10 @@ def test_serve_engine_node_killed_under_load(s3_server, head, add_engine_node, t
         final, threads = in_threads(client, [(i % 2 == 0, SHORT_TOKENS, 300 + i) for i in range(4)])
         joined(threads)
         assert all(r["outcome"] == "ok" for r in final), brief(final, killed_at)
+
+
+def replica_states(head, nodes) -> list[str]:
+    return sorted(f"{r['state']}@{node_name(r, nodes)}" for r in engine_replicas(head))
 
 
 def node_name(replica: dict, nodes) -> str:
