@@ -4,9 +4,8 @@ replicas (the tiny Gemma 3 on the real vLLM CPU engine) each pinned to its own e
 engine.ray_resources, the Serve controller, proxy (serve.proxy_location=HeadOnly) and ingress on the head,
 and the official `openai` client (no retries, a bounded timeout, so a hang fails the test).
 
-The node is killed when requests are observed in flight on both replicas (Ray's state API lists the
-replicas' request tasks as running on each engine node, and every stream has its first chunk), never on
-the clock. The test times only what issue #24 asks: the recovery of the second replica, within generous
+A node is killed when its requests are observed in flight (every stream has answered, and Ray's state
+API lists the replica's request tasks as running on that node), never on the clock. The test times only what issue #24 asks: the recovery of the second replica, within generous
 bounds, and prints the measured numbers (docs/preemption.md quotes them).
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ MODEL = "gemma-3-12b-it"
 SERVE_KEY = "node-loss-key"
 RETRYABLE = (502, 503, 504)
 CLIENT_TIMEOUT_S = 120      # a request that hangs fails the test instead of the run
-LONG_TOKENS = 3000          # with ignore_eos: each request of the first wave generates for many seconds
+LONG_TOKENS = 4000          # with ignore_eos: each request of the first wave generates for many seconds
 SHORT_TOKENS = 16
 WAVE = 6                    # concurrent long requests: 4 streamed, 2 plain
 FAILED_WITHIN_S = 60        # a request cut by the kill ends this soon after it (never a hang)
@@ -68,6 +67,7 @@ def send_one(client, stream: bool, max_tokens: int, index: int, seen: dict) -> d
                                                         stream_options={"include_usage": True}):
                 seen.setdefault("first_chunk", time.monotonic())
                 chunks.append(chunk)
+                seen["chunks"] = len(chunks)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
             usage = [c.usage.completion_tokens for c in chunks if c.usage]
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -135,8 +135,10 @@ def test_serve_engine_node_killed_under_load(s3_server, head, add_engine_node, t
     nodes = [add_engine_node("serve-engine-1", num_cpus=2), add_engine_node("serve-engine-2", num_cpus=2)]
     with serve_endpoint(tiny_model, tmp_path, [SERVE_KEY], f"runtime.ray_address={head.address}",
                         "engine.ray_resources={engine: 1}", "serve.min_replicas=2", "serve.max_replicas=2",
-                        "serve.warmup=false",
-                        # Long generations (the tiny model makes ~150 tokens/s per request here); 4096 is
+                        # Each replica warms up before it takes requests (the default): a cold one answered
+                        # its first token seconds after the other, whose requests could then end before the
+                        # kill that waits for both to be busy.
+                        # Long generations (the tiny model makes 150-350 tokens/s per request here); 4096 is
                         # its max_position_embeddings.
                         "engine.max_model_len=4096", f"serve.max_tokens_cap={LONG_TOKENS}",
                         # All nodes share this machine's address: proxies on the engine nodes would share the
@@ -151,23 +153,30 @@ def test_serve_engine_node_killed_under_load(s3_server, head, add_engine_node, t
             "the ingress runs on the head"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=SERVE_KEY, max_retries=0, timeout=CLIENT_TIMEOUT_S)
 
-        # 1. Long requests on both replicas; kill one node once both are seen answering requests.
-        doomed, survivor = nodes
+        # 1. Long requests on both replicas. Once every stream answers and Ray's state API lists requests
+        # running on a node, that node is killed: its requests have just begun. (Waiting until the state API
+        # listed both nodes took up to 9 s, as one node's task events can lag, and on a fast machine the
+        # requests of the node seen first had ended by then. The survivor's part is checked on the outcomes:
+        # requests that finished whole after the kill.)
         wave, wave_threads = in_threads(client, [(i % 3 != 2, LONG_TOKENS, i) for i in range(WAVE)])
         seen_running: dict[str, list[str]] = {}
 
-        def both_busy() -> bool:
-            streams_started = all("first_chunk" in r for r in wave if r.get("stream"))
+        def one_busy() -> bool:
+            if not all("first_chunk" in r for r in wave if r.get("stream")):
+                return False
             for node in nodes:
                 seen_running[node.name] = requests_running_on(head, node.node_id)
-            return streams_started and all(seen_running.values())
+            return any(seen_running.values())
 
-        wait_until(both_busy, "requests running on both engine replicas", 180,
-                   lambda: f"(running: {seen_running}; requests: {brief(wave, time.monotonic())})")
+        wait_until(one_busy, "requests running on an engine replica", 180,
+                   lambda: f"(running: {seen_running}; requests: {brief(wave, time.monotonic())})", poll_s=0.2)
         killed_at = time.monotonic()
+        doomed = max(nodes, key=lambda node: len(seen_running[node.name]))
+        survivor = next(node for node in nodes if node is not doomed)
         doomed.kill()
         print(f"\nonline node loss: killed {doomed.name} (SIGKILL done in {time.monotonic() - killed_at:.1f}s) "
-              f"with requests running {({k: len(v) for k, v in seen_running.items()})}")
+              f"with requests seen running {({k: len(v) for k, v in seen_running.items()})}; first chunks "
+              f"{sorted(round(r['first_chunk'] - killed_at, 1) for r in wave if 'first_chunk' in r)}s")
 
         # 2. No replacement node yet: new requests go to the survivor.
         after: list[dict] = []
@@ -204,11 +213,12 @@ def test_serve_engine_node_killed_under_load(s3_server, head, add_engine_node, t
         assert len(in_flight) >= 2, f"requests were not in flight at the kill: {brief(wave, killed_at)}"
         cut = [r for r in wave if r["outcome"] != "ok"]
         assert cut, f"no request in flight at the kill was cut: {brief(wave, killed_at)}"
-        assert len(cut) < len(wave), "the requests on the surviving replica must finish"
+        survived = [r for r in wave if r["outcome"] == "ok" and r["ended"] > killed_at]
+        assert survived, f"no request in flight on the surviving replica finished: {brief(wave, killed_at)}"
         for r in cut:
             assert r.get("code") == "replica_lost", r
             assert r["ended"] - killed_at < FAILED_WITHIN_S, f"a cut request ended late (a hang): {r}"
-            if r.get("stream"):  # every stream had answered 200 before the kill: an error event ends it
+            if "first_chunk" in r:  # a stream that had answered 200 (before the node was gone): an error event
                 assert r["outcome"] == "stream error event", r
             else:
                 assert r["outcome"] == "retryable" and r["status"] == 503, r
@@ -243,9 +253,9 @@ def node_name(replica: dict, nodes) -> str:
     return next((n.name for n in nodes if n.node_id == replica.get("node_id")), str(replica.get("node_id"))[:8])
 
 
-def wait_until(condition, what: str, timeout_s: float, detail=lambda: "") -> None:
+def wait_until(condition, what: str, timeout_s: float, detail=lambda: "", poll_s: float = 1.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} after {timeout_s}s {detail()}")
-        time.sleep(1)
+        time.sleep(poll_s)
