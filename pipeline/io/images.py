@@ -62,7 +62,9 @@ def prepare_image(data: bytes, limits: ImageSection, target: ImageTarget) -> Ima
         image.draft("RGB", (target.size_px, target.size_px))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # In place: without a rotation to apply, the default returns a copy of the decoded image (8% of
+        # the online ingress's CPU on camera photos).
+        ImageOps.exif_transpose(image, in_place=True)
         image = _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RecordError(ErrorKind.CORRUPT_IMAGE, f"{image.format} data is damaged: {_without_bytes(exc)}",

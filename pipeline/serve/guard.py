@@ -359,7 +359,9 @@ def prepare_images(shape: RequestShape, policy: RequestPolicy, fetch_image: Fetc
 # --------------------------------------------------------------------------------------------- images
 def inline_image(url: str, param: str, policy: RequestPolicy, fetch_image: FetchImage) -> str:
     """Check one image URL; returns a data: URL of the image prepared at the model's size."""
-    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    # The scheme from the URL's head: urlsplit copies the whole string several times, and a data: URL
+    # is megabytes (a URL whose scheme is not in its first 256 characters has none we accept).
+    scheme = urlsplit(url[:256]).scheme.lower()
     if scheme == "data":
         return prepared_data_url(decode_data_url(url, param, policy), param, policy)
     if scheme in ("http", "https"):

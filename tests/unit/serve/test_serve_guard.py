@@ -191,6 +191,8 @@ TOO_BIG = png((300, 300), (1, 2, 3))  # a few hundred bytes; limits below are se
                  "image_too_large", ["about 150000 bytes exceeds the limit of 100000"], id="image-over-max-bytes"),
     pytest.param(chat(image_part("file:///etc/passwd"), TEXT), "messages[0].content[0].image_url.url",
                  "invalid_image_url", ["scheme 'file' is not supported"], id="file-url"),
+    pytest.param(chat(image_part(" " * 300 + "file:///etc/passwd"), TEXT), "messages[0].content[0].image_url.url",
+                 "invalid_image_url", ["scheme 'none' is not supported"], id="scheme-after-256-characters"),
     pytest.param(chat(image_part("https://evil.example.net/cat.png"), TEXT), "messages[0].content[0].image_url.url",
                  "image_url_not_allowed", ["'evil.example.net' is not one of them", "images.example.com"],
                  id="host-not-allowed"),
