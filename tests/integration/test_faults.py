@@ -52,11 +52,13 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.s
 # time and a 40-row job has several commits to be killed between.
 SMALL_BLOCKS = ["--set", "batch.rows_per_block=4", "--set", "batch.rows_per_file=4"]
 # For the faults timed on progress: 160 generated tokens per row (the tiny model otherwise stops within a few),
-# and 4 rows generating at a time, so rows are written a few at a time, each wave a second or more apart, and
-# the engine is still busy for several waves after the trigger is seen. With 16 at a time, a fast machine
-# wrote the last wave between the trigger and the kill: the job had finished when it was killed.
+# and one batch of 4 rows at a time in the engine stage, so rows are written a few at a time, one batch after
+# another, and the engine is still busy for several batches after the trigger is seen. With every row in
+# flight at once, a fast machine generated them all in ~6 s and wrote them together: the job had finished
+# when it was killed.
 BUSY_ENGINE = ["--set", "sampling.max_tokens=160", "--set", "sampling.ignore_eos=true",
-               "--set", "engine.max_num_seqs=4", "--set", "batch.engine_batch_size=4"]
+               "--set", "engine.max_num_seqs=4", "--set", "batch.engine_batch_size=4",
+               "--set", "batch.max_concurrent_batches=1"]
 JOB_TIMEOUT_S = 900
 
 

@@ -201,7 +201,9 @@ def test_driver_killed_mid_run_and_rerun_gives_every_custom_id_once(tiny_model, 
         return sum(len(body.splitlines()) for body in committed().values())
 
     args = ("s3://data/openai-kill/in/", "s3://data/" + prefix.rstrip("/"))
-    extra = (*BUSY_ENGINE, "--set", f"openai_batch.accepted_model_names=[{ALIAS}]")
+    # 480 tokens a line (BUSY_ENGINE's 160 took a fast machine ~0.5 s a batch): several seconds of batches are
+    # left when a quarter of the lines is seen.
+    extra = (*BUSY_ENGINE, "--set", "sampling.max_tokens=480", "--set", f"openai_batch.accepted_model_names=[{ALIAS}]")
     first = Job(s3_server, tiny_model, *args, tmp_path / "run1.log", *extra)
     first.wait_for(lambda: committed_lines() >= KILL_LINES // 4, "a quarter of the lines written")
     first.kill()
